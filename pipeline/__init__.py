@@ -1,0 +1,1 @@
+"""Drift-aware pipeline for fine-tuning vision-language models: curate, split, train, evaluate, monitor."""

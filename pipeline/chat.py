@@ -1,0 +1,36 @@
+"""Samples as Hugging Face chat messages (DESIGN §4): image first, then the prompt; the caption answers."""
+from __future__ import annotations
+
+import re
+
+
+def messages(caption: str, prompt: str, system_prompt: str = "") -> list[dict]:
+    """System (optional), user (image + prompt), assistant (caption) turns."""
+    out = []
+    if system_prompt:
+        out.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
+    out.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]})
+    out.append({"role": "assistant", "content": [{"type": "text", "text": caption}]})
+    return out
+
+
+def answer(msgs: list[dict]) -> str:
+    """The assistant's text of a conversation."""
+    return "".join(c["text"] for m in msgs if m["role"] == "assistant" for c in m["content"] if c["type"] == "text")
+
+
+def with_answer(msgs: list[dict], caption: str) -> list[dict]:
+    """A copy of the conversation whose assistant turn says `caption`."""
+    return [
+        {"role": "assistant", "content": [{"type": "text", "text": caption}]} if m["role"] == "assistant" else m
+        for m in msgs
+    ]
+
+
+def parse_label(text: str, pattern: str, labels: tuple[str, ...]) -> str | None:
+    """The label stated in an answer (params `data.label_pattern`), or None if absent or unknown."""
+    m = re.search(pattern, text, flags=re.IGNORECASE)
+    if not m:
+        return None
+    found = m.group(1).lower()
+    return next((l for l in labels if l.lower() == found), None)

@@ -1,0 +1,220 @@
+"""params.yaml -> typed, strict, frozen config objects.
+
+Every key in params.yaml is a field here, letter for letter. A misspelt or unknown key, a missing
+key, or a value of the wrong type is an `InputError` that names the full dotted key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from pipeline.errors import InputError
+
+
+@dataclass(frozen=True)
+class Paths:
+    raw: str = "data/raw"
+    curated: str = "data/curated"
+    split: str = "data/split"
+    models: str = "models"
+    reports: str = "reports"
+    incoming: str = "data/incoming"
+
+
+@dataclass(frozen=True)
+class Data:
+    labels: tuple[str, ...] = ("benign", "suspicious", "melanoma")
+    positive_label: str = "melanoma"
+    subgroups: tuple[str, ...] = ("fitzpatrick",)
+    system_prompt: str = ""
+    prompt: str = "Describe this lesion."
+    label_pattern: str = r"Clinical impression: (\w+)"
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Shares of injected faults (each a fraction of the clean rows)."""
+
+    vague: float = 0.0
+    mismatch: float = 0.0
+    mismatch_mode: Literal["random", "same_site"] = "random"
+    exact_duplicate: float = 0.0
+    near_duplicate: float = 0.0
+    corrupt: float = 0.0
+    not_image: float = 0.0
+    empty_file: float = 0.0
+
+
+@dataclass(frozen=True)
+class Synth:
+    n: int = 600
+    seed: int = 0
+    image_size: int = 96
+    images_per_patient: tuple[int, int] = (1, 4)
+    skin_mix: dict[str, float] = field(default_factory=dict)
+    class_mix: dict[str, float] = field(default_factory=dict)
+    site: str = "hospital_a"
+    camera: Literal["dermatoscope", "phone", "lamp"] = "dermatoscope"
+    spurious_darkness: float = 0.0
+    faults: Faults = Faults()
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """The secondary image-text model that scores every pair (open_clip)."""
+
+    enabled: bool = True
+    model: str = "builtin"
+    pretrained: Optional[str] = None
+    folds: int = 5
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 2e-3
+    image_size: int = 64
+    embed_dim: int = 64
+    score: Literal["csls", "cosine"] = "csls"
+    csls_k: int = 10
+    threshold: float = 3.5
+    top_fraction: Optional[float] = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Curate:
+    max_pixels: int = 25_000_000
+    min_side: int = 32
+    max_side: int = 8192
+    max_caption_chars: int = 2000
+    min_words: int = 6
+    vague_phrases: tuple[str, ...] = ()
+    visual_terms: tuple[str, ...] = ()
+    near_duplicate_bits: int = 4
+    mismatch: Mismatch = Mismatch()
+
+
+@dataclass(frozen=True)
+class Split:
+    seed: int = 0
+    fractions: dict[str, float] = field(default_factory=lambda: {"train": 0.7, "val": 0.15, "test": 0.15})
+    min_stratum: int = 10
+    mismatch_fraction: float = 0.5
+    search_iters: int = 4000
+
+
+@dataclass(frozen=True)
+class Params:
+    paths: Paths = Paths()
+    data: Data = Data()
+    synth: Synth = Synth()
+    curate: Curate = Curate()
+    split: Split = Split()
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting lists to tuples; raise naming `key`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if _is_dataclass_type(tp):
+        return build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise InputError(f"params: {key} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise InputError(f"params: {key} must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise InputError(f"params: {key} must have {len(args)} items, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise InputError(f"params: {key} must be a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        raise InputError(f"params: {key} must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def build(cls: type, raw: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys are errors, absent keys take defaults."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise InputError(f"params: {prefix or 'top level'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise InputError(
+            f"params: unknown key {where}{unknown[0]} (known keys{' in ' + prefix if prefix else ''}: {sorted(names)})"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (['section', 'key'], value read as YAML)."""
+    if "=" not in text:
+        raise InputError(f"--set {text!r}: expected section.key=value")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip().split("."), yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise InputError(f"--set {text!r}: value is not valid YAML ({e})") from None
+
+
+def load(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """Read params.yaml, apply `--set` overrides, validate everything."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise InputError(f"params: file {path} not found") from None
+    except (OSError, yaml.YAMLError) as e:
+        raise InputError(f"params: cannot read {path}: {e}") from None
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise InputError(f"--set {text!r}: {k} is not a section")
+        node[keys[-1]] = value
+    return build(Params, raw)
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Config object -> {'train.lr.vision': 2e-4, ...} (MLflow logs params flat)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(v):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

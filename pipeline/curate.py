@@ -1,0 +1,266 @@
+"""`curate`: accept or quarantine every manifest row, with a reason for every rejection (DESIGN §3.2).
+
+Checks run in this order; a row collects every reason that applies:
+fields and encoding -> duplicate id -> label -> caption (missing, length, vagueness, conflict with the
+label) -> image file (path inside the dataset, exists, non-empty, decodes under the pixel limit, size
+bounds) -> exact and near duplicates among the rows still clean -> image-text mismatch among those.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from pipeline import chat, data as dataio, mismatch
+from pipeline.config import Curate, Data, Params
+
+Image.MAX_IMAGE_PIXELS = None  # we enforce our own limit from the header, before decoding
+
+
+@dataclass
+class Row:
+    """One manifest row on its way through the checks."""
+
+    index: int
+    raw: dict[str, str]
+    reasons: list[str] = field(default_factory=list)
+    path: Path | None = None
+    sha256: str = ""
+    phash: int = 0
+    quality: dict = field(default_factory=dict)
+
+
+@dataclass
+class Result:
+    accepted: list[dict]
+    quarantined: list[dict]
+    report: dict
+
+
+# ------------------------------------------------------------------------------------------ row checks
+def check_fields(row: Row, has_label: bool) -> None:
+    for name in ("id", "image"):
+        if not row.raw.get(name, "").strip():
+            row.reasons.append(f"missing_field:{name}")
+    if has_label and not row.raw.get("label", "").strip():
+        row.reasons.append("missing_field:label")
+    if any(_has_surrogates(v) for v in row.raw.values()):
+        row.reasons.append("bad_encoding")
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def check_label(row: Row, labels: tuple[str, ...]) -> None:
+    label = row.raw.get("label", "").strip()
+    if label and label not in labels:
+        row.reasons.append("unknown_label")
+
+
+def specificity(caption: str, cfg: Curate) -> tuple[int, int]:
+    """(words, visual-feature terms) left once the vague phrases are taken out."""
+    text = caption.lower()
+    for phrase in cfg.vague_phrases:
+        text = re.sub(rf"\b{re.escape(phrase.lower())}\b", " ", text)
+    words = re.findall(r"[a-z][a-z'-]*", text)
+    terms = sum(1 for t in cfg.visual_terms if re.search(rf"\b{re.escape(t.lower())}\b", text))
+    return len(words), terms
+
+
+def check_caption(row: Row, cfg: Curate, data: Data) -> None:
+    caption = row.raw.get("caption", "")
+    if not caption.strip():
+        row.reasons.append("missing_caption")
+        return
+    if len(caption) > cfg.max_caption_chars:
+        row.reasons.append("caption_too_long")
+        return
+    words, terms = specificity(caption, cfg)
+    row.quality["specificity"] = terms
+    if words < cfg.min_words or terms < 1:
+        row.reasons.append("vague_caption")
+    stated = chat.parse_label(caption, data.label_pattern, data.labels)
+    label = row.raw.get("label", "").strip()
+    if stated and label in data.labels and stated != label:
+        row.reasons.append("label_conflict")
+
+
+def resolve_inside(root: Path, rel: str) -> Path | None:
+    """The image path if it stays inside the dataset folder (after symlinks), else None."""
+    if not rel or os.path.isabs(rel) or ".." in Path(rel).parts:
+        return None
+    path = (root / rel).resolve()
+    return path if path.is_relative_to(root.resolve()) else None
+
+
+def check_image(row: Row, root: Path, cfg: Curate) -> None:
+    """File checks, then the header (pixel limit), then a full decode; sets sha256 and phash."""
+    rel = row.raw.get("image", "").strip()
+    if not rel:
+        return
+    path = resolve_inside(root, rel)
+    if path is None:
+        row.reasons.append("path_outside_dataset")
+        return
+    if not path.is_file():
+        row.reasons.append("missing_image")
+        return
+    payload = path.read_bytes()
+    if not payload:
+        row.reasons.append("empty_file")
+        return
+    row.path, row.sha256 = path, hashlib.sha256(payload).hexdigest()
+    reason = _decode(row, path, cfg)
+    if reason:
+        row.reasons.append(reason)
+
+
+def _decode(row: Row, path: Path, cfg: Curate) -> str | None:
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            if w * h > cfg.max_pixels or max(w, h) > cfg.max_side:
+                return "image_too_large"
+            if min(w, h) < cfg.min_side:
+                return "image_too_small"
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # PIL warns instead of failing on some broken files
+                img.load()
+            row.phash = phash(img.convert("RGB"))
+    except UnidentifiedImageError:
+        return "not_an_image"
+    except (OSError, SyntaxError, ValueError, Warning, Image.DecompressionBombError):
+        return "unreadable_image"
+    return None
+
+
+def phash(img: Image.Image) -> int:
+    """64-bit DCT perceptual hash (imagehash), as an int."""
+    import imagehash
+
+    bits = imagehash.phash(img, hash_size=8).hash.flatten()
+    return int("".join("1" if b else "0" for b in bits), 2)
+
+
+# ---------------------------------------------------------------------------------------- dataset checks
+def mark_duplicates(rows: list[Row], max_bits: int) -> None:
+    """Exact (sha256) then near (phash Hamming distance <= max_bits) duplicates: the first member of
+    each group stays, the others get `duplicate_of:<id>`."""
+    clean = [r for r in rows if not r.reasons]
+    first: dict[str, Row] = {}
+    keepers: list[Row] = []
+    for r in clean:
+        if r.sha256 in first:
+            r.reasons.append(f"duplicate_of:{first[r.sha256].raw['id']}")
+        else:
+            first[r.sha256] = r
+            keepers.append(r)
+    if max_bits < 0 or len(keepers) < 2:
+        return
+    hashes = np.array([r.phash for r in keepers], dtype=np.uint64)
+    for i, r in enumerate(keepers):
+        if r.reasons:
+            continue
+        dist = np.bitwise_count(hashes[i + 1 :] ^ hashes[i])
+        for j in np.flatnonzero(dist <= max_bits):
+            other = keepers[i + 1 + j]
+            if not other.reasons:
+                other.reasons.append(f"duplicate_of:{r.raw['id']}")
+
+
+def mark_mismatches(rows: list[Row], cfg: Curate) -> dict:
+    """Score the clean pairs with the secondary image-text model; flag `likely_mismatch`."""
+    clean = [r for r in rows if not r.reasons]
+    if not cfg.mismatch.enabled or len(clean) < 2 * cfg.mismatch.folds:
+        return {"scored": 0, "flagged": 0, "skipped": "disabled" if not cfg.mismatch.enabled else "too few rows"}
+    scores = mismatch.score_pairs([str(r.path) for r in clean], [r.raw["caption"] for r in clean], cfg.mismatch)
+    flag = scores.mismatch_score > cfg.mismatch.threshold
+    if cfg.mismatch.top_fraction is not None:
+        k = int(round(cfg.mismatch.top_fraction * len(clean)))
+        flag = np.zeros(len(clean), bool)
+        flag[np.argsort(-scores.mismatch_score, kind="stable")[:k]] = True
+    for i, r in enumerate(clean):
+        r.quality.update(
+            clip_cosine=round(float(scores.cosine[i]), 6), clip_csls=round(float(scores.csls[i]), 6),
+            mismatch_score=round(float(scores.mismatch_score[i]), 6), mismatch_fold=int(scores.fold[i]),
+        )
+        if flag[i]:
+            r.reasons.append("likely_mismatch")
+    return {"scored": len(clean), "flagged": int(flag.sum()), "score": cfg.mismatch.score}
+
+
+# ------------------------------------------------------------------------------------------- records
+def sample_record(row: Row, image_ref: str, data: Data) -> dict:
+    """An accepted row in the curated format (DESIGN §3.2), messages in the chat format (§4)."""
+    raw = row.raw
+    prompt = raw.get("prompt", "").strip() or data.prompt
+    return {
+        "id": raw["id"], "image": image_ref, "image_sha256": row.sha256,
+        "messages": chat.messages(raw["caption"].strip(), prompt, data.system_prompt),
+        "label": raw.get("label", "").strip() or None,
+        "subgroups": {g: raw.get(g, "").strip() or "unknown" for g in data.subgroups},
+        "patient_id": raw.get("patient_id", "").strip() or raw["id"],
+        "site": raw.get("site", ""), "camera": raw.get("camera", ""), "source": raw.get("source", "") or "real",
+        "quality": row.quality,
+    }
+
+
+def quarantine_record(row: Row) -> dict:
+    """The row as read (undecodable bytes shown as \\xNN escapes), its manifest row number, its reasons."""
+    as_read = {k: v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for k, v in row.raw.items()}
+    return {**as_read, "row": row.index, "reasons": row.reasons}
+
+
+def run(raw_rows: list[dict[str, str]], root: Path, cfg: Curate, data: Data, image_prefix: str = "") -> Result:
+    """Curate manifest rows of the dataset at `root`; `image_prefix` is joined to accepted image paths."""
+    has_label = bool(raw_rows) and "label" in raw_rows[0]
+    rows = [Row(index=i, raw=r) for i, r in enumerate(raw_rows)]
+    seen: set[str] = set()
+    for row in rows:
+        check_fields(row, has_label)
+        rid = row.raw.get("id", "")
+        if rid and rid in seen:
+            row.reasons.append("duplicate_id")
+        seen.add(rid)
+        check_label(row, data.labels)
+        check_caption(row, cfg, data)
+        check_image(row, root, cfg)
+    mark_duplicates(rows, cfg.near_duplicate_bits)
+    mism = mark_mismatches(rows, cfg)
+    accepted = [sample_record(r, os.path.join(image_prefix, r.raw["image"].strip()), data) for r in rows if not r.reasons]
+    quarantined = [quarantine_record(r) for r in rows if r.reasons]
+    return Result(accepted, quarantined, _report(rows, accepted, quarantined, mism))
+
+
+def _report(rows, accepted, quarantined, mism) -> dict:
+    reasons: dict[str, int] = {}
+    for q in quarantined:
+        for code in q["reasons"]:
+            key = "duplicate_of" if code.startswith("duplicate_of:") else code
+            reasons[key] = reasons.get(key, 0) + 1
+    assert len(rows) == len(accepted) + len(quarantined)  # nothing is lost
+    return {"rows_in": len(rows), "accepted": len(accepted), "quarantined": len(quarantined),
+            "reasons": dict(sorted(reasons.items())), "mismatch": mism}
+
+
+def main(params: Params) -> dict:
+    """Read `paths.raw`, write `paths.curated` atomically."""
+    root = Path(params.paths.raw)
+    rows = dataio.read_manifest(dataio.find_manifest(root))
+    result = run(rows, root, params.curate, params.data, image_prefix=params.paths.raw)
+    with dataio.atomic_dir(Path(params.paths.curated)) as out:
+        dataio.write_jsonl(out / "samples.jsonl", result.accepted)
+        dataio.write_jsonl(out / "quarantine.jsonl", result.quarantined)
+        dataio.write_json(out / "report.json", result.report)
+    return result.report

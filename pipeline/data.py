@@ -1,0 +1,99 @@
+"""Reading manifests and JSONL, and writing a stage's outputs all at once or not at all."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import pandas as pd
+
+from pipeline.errors import InputError
+
+REQUIRED_COLUMNS = ("id", "image", "caption")
+MANIFEST_NAMES = ("manifest.csv", "manifest.jsonl", "manifest.parquet")
+
+
+def find_manifest(folder: Path) -> Path:
+    """The dataset's manifest (csv, jsonl or parquet); an error names the folder if none."""
+    if not folder.is_dir():
+        raise InputError(f"dataset folder {folder} does not exist")
+    for name in MANIFEST_NAMES:
+        if (folder / name).is_file():
+            return folder / name
+    raise InputError(f"{folder}: no manifest (expected one of {', '.join(MANIFEST_NAMES)})")
+
+
+def _cell(value) -> str:
+    """Every cell as text; missing cells become ''. Undecodable bytes survive as surrogates."""
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="surrogateescape")
+    return str(value)
+
+
+def read_manifest(path: Path) -> list[dict[str, str]]:
+    """All rows as string dicts, in file order; a manifest unusable as a whole is an InputError."""
+    try:
+        if path.suffix == ".csv":
+            with open(path, encoding="utf-8", errors="surrogateescape", newline="") as fh:
+                df = pd.read_csv(fh, dtype=str, keep_default_na=False, na_filter=False)
+        elif path.suffix == ".jsonl":
+            df = pd.read_json(path, lines=True, dtype=False)
+        else:
+            df = pd.read_parquet(path)
+    except (OSError, ValueError, pd.errors.ParserError, ImportError) as e:
+        raise InputError(f"{path}: cannot read the manifest ({type(e).__name__}: {e})") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise InputError(f"{path}: missing required column(s) {missing}; found {list(df.columns)}")
+    return [{str(k): _cell(v) for k, v in row.items()} for row in df.to_dict(orient="records")]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a JSONL file; a bad line is an error naming the file and line."""
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{path}:{n}: not valid JSON ({e})") from None
+    return out
+
+
+def write_jsonl(path: Path, records: Iterable[dict]) -> None:
+    """Stable bytes: sorted keys, UTF-8, one record per line."""
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a scratch folder beside `target`; on success it replaces `target`, on error it vanishes.
+
+    A crashed stage therefore leaves either the previous complete output or none, never half.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)

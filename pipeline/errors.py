@@ -1,0 +1,13 @@
+"""The two kinds of failure a stage reports, mapped to the exit codes of DESIGN §10."""
+
+
+class InputError(Exception):
+    """Unusable input or configuration: exit status 2, nothing written."""
+
+    exit_code = 2
+
+
+class CheckFailed(Exception):
+    """A gate or check failed on usable input: exit status 1."""
+
+    exit_code = 1
