@@ -94,7 +94,7 @@ class Curate:
     min_words: int = 6
     vague_phrases: tuple[str, ...] = ()
     visual_terms: tuple[str, ...] = ()
-    near_duplicate_bits: int = 4
+    near_duplicate_bits: int = 26
     mismatch: Mismatch = Mismatch()
 
 

@@ -32,7 +32,7 @@ class Row:
     reasons: list[str] = field(default_factory=list)
     path: Path | None = None
     sha256: str = ""
-    phash: int = 0
+    phash: np.ndarray | None = None  # (4,) uint64: 256-bit perceptual hash
     quality: dict = field(default_factory=dict)
 
 
@@ -52,6 +52,8 @@ def check_fields(row: Row, has_label: bool) -> None:
         row.reasons.append("missing_field:label")
     if any(_has_surrogates(v) for v in row.raw.values()):
         row.reasons.append("bad_encoding")
+    if dataio.EXTRA in row.raw:
+        row.reasons.append("malformed_row")
 
 
 def _has_surrogates(text: str) -> bool:
@@ -145,17 +147,20 @@ def _decode(row: Row, path: Path, cfg: Curate) -> str | None:
     return None
 
 
-def phash(img: Image.Image) -> int:
-    """64-bit DCT perceptual hash (imagehash), as an int."""
+def phash(img: Image.Image) -> np.ndarray:
+    """256-bit DCT perceptual hash (imagehash, hash_size 16) packed as (4,) uint64.
+
+    The common 64-bit hash cannot tell distinct lesions apart: most of each image is even skin.
+    """
     import imagehash
 
-    bits = imagehash.phash(img, hash_size=8).hash.flatten()
-    return int("".join("1" if b else "0" for b in bits), 2)
+    bits = imagehash.phash(img, hash_size=16).hash.flatten()
+    return np.packbits(bits).view(">u8").astype(np.uint64)
 
 
 # ---------------------------------------------------------------------------------------- dataset checks
 def mark_duplicates(rows: list[Row], max_bits: int) -> None:
-    """Exact (sha256) then near (phash Hamming distance <= max_bits) duplicates: the first member of
+    """Exact (sha256) then near (256-bit phash Hamming distance <= max_bits) duplicates: the first member of
     each group stays, the others get `duplicate_of:<id>`."""
     clean = [r for r in rows if not r.reasons]
     first: dict[str, Row] = {}
@@ -168,11 +173,11 @@ def mark_duplicates(rows: list[Row], max_bits: int) -> None:
             keepers.append(r)
     if max_bits < 0 or len(keepers) < 2:
         return
-    hashes = np.array([r.phash for r in keepers], dtype=np.uint64)
+    hashes = np.stack([r.phash for r in keepers])  # (N, 4)
     for i, r in enumerate(keepers):
         if r.reasons:
             continue
-        dist = np.bitwise_count(hashes[i + 1 :] ^ hashes[i])
+        dist = np.bitwise_count(hashes[i + 1 :] ^ hashes[i]).sum(1)
         for j in np.flatnonzero(dist <= max_bits):
             other = keepers[i + 1 + j]
             if not other.reasons:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import pandas as pd
 from pipeline.errors import InputError
 
 REQUIRED_COLUMNS = ("id", "image", "caption")
+EXTRA = "__extra_cells__"
 MANIFEST_NAMES = ("manifest.csv", "manifest.jsonl", "manifest.parquet")
 
 
@@ -40,18 +42,35 @@ def read_manifest(path: Path) -> list[dict[str, str]]:
     """All rows as string dicts, in file order; a manifest unusable as a whole is an InputError."""
     try:
         if path.suffix == ".csv":
-            with open(path, encoding="utf-8", errors="surrogateescape", newline="") as fh:
-                df = pd.read_csv(fh, dtype=str, keep_default_na=False, na_filter=False)
-        elif path.suffix == ".jsonl":
+            return _read_csv(path)
+        if path.suffix == ".jsonl":
             df = pd.read_json(path, lines=True, dtype=False)
         else:
             df = pd.read_parquet(path)
-    except (OSError, ValueError, pd.errors.ParserError, ImportError) as e:
+    except (OSError, ValueError, csv.Error, ImportError) as e:
         raise InputError(f"{path}: cannot read the manifest ({type(e).__name__}: {e})") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
-    if missing:
-        raise InputError(f"{path}: missing required column(s) {missing}; found {list(df.columns)}")
+    _require_columns(path, [str(c) for c in df.columns])
     return [{str(k): _cell(v) for k, v in row.items()} for row in df.to_dict(orient="records")]
+
+
+def _require_columns(path: Path, columns: list[str]) -> None:
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise InputError(f"{path}: missing required column(s) {missing}; found {columns}")
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    """CSV rows as text; bytes that are not UTF-8 survive as surrogates (curate flags them), and a
+    row with more cells than the header keeps them under EXTRA (curate flags it)."""
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as fh:
+        reader = csv.DictReader(fh, restkey=EXTRA, restval="")
+        _require_columns(path, list(reader.fieldnames or []))
+        rows = []
+        for row in reader:
+            if EXTRA in row:
+                row[EXTRA] = "|".join(row[EXTRA])
+            rows.append(row)
+        return rows
 
 
 def read_jsonl(path: Path) -> list[dict]:

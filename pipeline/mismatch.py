@@ -97,9 +97,15 @@ def train_clip(images: torch.Tensor, tokens: torch.Tensor, cfg: Mismatch, seed: 
 def embed(model, images: torch.Tensor, tokens: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised (N, D) image and text embeddings."""
     model.eval()
-    img = torch.cat([model.encode_image(images[i : i + batch], normalize=True) for i in range(0, len(images), batch)])
+    img = torch.cat([_encode_tta(model, images[i : i + batch]) for i in range(0, len(images), batch)])
     txt = torch.cat([model.encode_text(tokens[i : i + batch], normalize=True) for i in range(0, len(tokens), batch)])
     return img, txt
+
+
+def _encode_tta(model, x: torch.Tensor) -> torch.Tensor:
+    """Mean embedding over the 8 rotations and flips (attributes are orientation-free), (B, D)."""
+    views = [torch.rot90(v, k, dims=(2, 3)) for v in (x, torch.flip(x, dims=(3,))) for k in range(4)]
+    return F.normalize(torch.stack([model.encode_image(v, normalize=True) for v in views]).mean(0), dim=-1)
 
 
 def csls(img: torch.Tensor, txt: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,49 @@
+"""Shared fixtures: the committed params, and small synthetic datasets made once per session."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import dataclasses
+
+import pytest
+import torch
+
+from pipeline import config, synth
+
+ROOT = Path(__file__).resolve().parents[1]
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def params() -> config.Params:
+    return config.load(ROOT / "params.yaml")
+
+
+def make_dataset(out: Path, params: config.Params, **synth_kw) -> Path:
+    """Write a synthetic dataset with `synth` settings overridden by `synth_kw`."""
+    faults = synth_kw.pop("faults", {})
+    cfg = dataclasses.replace(params.synth, **synth_kw, faults=dataclasses.replace(params.synth.faults, **faults))
+    synth.run(cfg, params.data, out)
+    return out
+
+
+ALL_FAULTS = dict(vague=0.06, mismatch=0.06, exact_duplicate=0.05, near_duplicate=0.05,
+                  corrupt=0.04, not_image=0.03, empty_file=0.03)
+
+
+@pytest.fixture(scope="session")
+def faulty_set(tmp_path_factory, params) -> Path:
+    """80 clean lesions at 64 px plus every kind of injected fault."""
+    return make_dataset(tmp_path_factory.mktemp("faulty"), params, n=80, image_size=64, seed=3, faults=ALL_FAULTS)
+
+
+@pytest.fixture(scope="session")
+def clean_set(tmp_path_factory, params) -> Path:
+    """40 clean lesions at 64 px."""
+    return make_dataset(tmp_path_factory.mktemp("clean"), params, n=40, image_size=64, seed=5,
+                        faults={k: 0.0 for k in ALL_FAULTS})
