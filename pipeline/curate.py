@@ -222,9 +222,10 @@ def sample_record(row: Row, image_ref: str, data: Data) -> dict:
 
 
 def quarantine_record(row: Row) -> dict:
-    """The row as read (undecodable bytes shown as \\xNN escapes), its manifest row number, its reasons."""
+    """The row as read (undecodable bytes shown as \\xNN escapes), its manifest row number, its
+    reasons and whatever scores were computed before it was rejected."""
     as_read = {k: v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for k, v in row.raw.items()}
-    return {**as_read, "row": row.index, "reasons": row.reasons}
+    return {**as_read, "row": row.index, "reasons": row.reasons, "quality": row.quality}
 
 
 def run(raw_rows: list[dict[str, str]], root: Path, cfg: Curate, data: Data, image_prefix: str = "") -> Result:

@@ -1,0 +1,57 @@
+"""The command line of DESIGN §10: commands, --params/--set, exit codes, nothing written on failure."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_synth_curate_split_chain(tmp_path):
+    raw, cur, spl = tmp_path / "raw", tmp_path / "cur", tmp_path / "spl"
+    r = cli("synth", "--out", str(raw), "--n", "40", "--image-size", "64", "--seed", "2", "--camera", "lamp")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["rows"] >= 40
+    sets = ["--set", f"paths.raw={raw}", "--set", f"paths.curated={cur}", "--set", f"paths.split={spl}",
+            "--set", "curate.mismatch.enabled=false"]
+    r = cli("curate", *sets)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((cur / "report.json").read_text())
+    assert report["rows_in"] == report["accepted"] + report["quarantined"]
+    r = cli("split", *sets, "--set", "split.min_stratum=2")
+    assert r.returncode == 0, r.stderr
+    assert {p.name for p in spl.iterdir()} == {"train.jsonl", "val.jsonl", "test.jsonl", "val_mismatch.jsonl", "report.json"}
+
+
+def test_bad_manifest_exits_2_and_writes_nothing(tmp_path):
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "manifest.csv").write_text("id,image\na,a.png\n")
+    r = cli("curate", "--set", f"paths.raw={tmp_path / 'raw'}", "--set", f"paths.curated={tmp_path / 'cur'}")
+    assert r.returncode == 2
+    assert "missing required column" in r.stderr and "caption" in r.stderr
+    assert not (tmp_path / "cur").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+
+
+def test_misspelt_param_exits_2_naming_it(tmp_path):
+    r = cli("split", "--set", "split.sed=1")
+    assert r.returncode == 2 and "split.sed" in r.stderr
+    (tmp_path / "p.yaml").write_text("curate:\n  min_word: 3\n")
+    r = cli("curate", "--params", str(tmp_path / "p.yaml"))
+    assert r.returncode == 2 and "curate.min_word" in r.stderr
+
+
+def test_missing_params_file_exits_2(tmp_path):
+    r = cli("split", "--params", str(tmp_path / "none.yaml"))
+    assert r.returncode == 2 and "not found" in r.stderr
+
+
+def test_split_without_curated_data_exits_2(tmp_path):
+    r = cli("split", "--set", f"paths.curated={tmp_path / 'nothing'}", "--set", f"paths.split={tmp_path / 's'}")
+    assert r.returncode == 2 and "run curate first" in r.stderr
+    assert not (tmp_path / "s").exists()

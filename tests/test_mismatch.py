@@ -1,0 +1,76 @@
+"""The secondary image-text model: cross-fitted scores, CSLS, zero-shot loading, and real detection."""
+import csv
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from pipeline import curate, data as dataio, mismatch
+
+TINY = dict(folds=3, epochs=2, batch_size=16, image_size=32, embed_dim=32)
+
+
+def test_no_pair_is_scored_by_a_model_that_saw_it(params, monkeypatch):
+    n = 30
+    cfg = dataclasses.replace(params.curate.mismatch, **TINY)
+    coded = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 32, 32).clone()
+    monkeypatch.setattr(mismatch, "load_images", lambda paths, size: coded)
+    seen_by_fold = []
+    real_train = mismatch.train_clip
+
+    def spy(images, tokens, cfg_, seed):
+        seen_by_fold.append(set(images[:, 0, 0, 0].long().tolist()))  # which pairs this model trains on
+        return real_train(images, tokens, dataclasses.replace(cfg_, epochs=1), seed)
+
+    monkeypatch.setattr(mismatch, "train_clip", spy)
+    scores = mismatch.score_pairs([f"x{i}" for i in range(n)], [f"caption {i}" for i in range(n)], cfg)
+    assert len(seen_by_fold) == cfg.folds
+    for f, seen in enumerate(seen_by_fold):
+        held = set(np.flatnonzero(scores.fold == f).tolist())
+        assert held and not (held & seen) and held | seen == set(range(n))
+
+
+def test_csls_penalises_hub_captions():
+    # caption 0 is close to every image (a hub): plain cosine rates pair 0 well, CSLS does not
+    img = torch.nn.functional.normalize(torch.eye(4) + 0.05, dim=1)
+    txt = img.clone()
+    txt[0] = torch.nn.functional.normalize(torch.ones(4), dim=0)
+    cos, cs = mismatch.csls(img, txt, k=2)
+    assert np.argmin(cs) == 0
+    assert cos[0] > 0.4
+
+
+def test_robust_z_is_scale_free():
+    x = np.random.default_rng(0).normal(size=200)
+    assert np.allclose(mismatch.robust_z(x), mismatch.robust_z(10 * x + 3))
+
+
+def test_builtin_checkpoint_scores_zero_shot(params, clean_set, tmp_path):
+    rows = list(csv.DictReader(open(clean_set / "manifest.csv")))
+    paths = [str(clean_set / r["image"]) for r in rows]
+    caps = [r["caption"] for r in rows]
+    cfg = dataclasses.replace(params.curate.mismatch, **TINY)
+    model = mismatch.train_clip(mismatch.load_images(paths, 32), mismatch.tokenize(caps), cfg, seed=0)
+    mismatch.save(model, tmp_path / "clip.pt")
+    scores = mismatch.score_pairs(paths, caps, dataclasses.replace(cfg, pretrained=str(tmp_path / "clip.pt")))
+    img, txt = mismatch.embed(model, mismatch.load_images(paths, 32), mismatch.tokenize(caps))
+    assert (scores.fold == -1).all()
+    assert np.allclose(scores.cosine, (img * txt).sum(1).numpy(), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_detector_finds_swapped_captions(params, tmp_path):
+    from conftest import make_dataset
+
+    folder = make_dataset(tmp_path / "d", params, n=240, image_size=64, seed=8,
+                          faults=dict(vague=0, mismatch=0.1, exact_duplicate=0, near_duplicate=0,
+                                      corrupt=0, not_image=0, empty_file=0))
+    truth = {r["id"]: r["fault"] for r in csv.DictReader(open(folder / "truth.csv"))}
+    cfg = dataclasses.replace(params.curate, mismatch=dataclasses.replace(params.curate.mismatch, epochs=12, folds=4))
+    result = curate.run(dataio.read_manifest(folder / "manifest.csv"), folder, cfg, params.data)
+    rows = result.accepted + result.quarantined
+    y, s = zip(*[(truth[r["id"]] == "mismatch", r["quality"]["mismatch_score"]) for r in rows])
+    assert roc_auc_score(y, s) >= 0.7
+    assert result.report["mismatch"]["scored"] == 240
