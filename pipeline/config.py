@@ -59,8 +59,8 @@ class Synth:
     images_per_patient: tuple[int, int] = (1, 4)
     skin_mix: dict[str, float] = field(default_factory=dict)
     class_mix: dict[str, float] = field(default_factory=dict)
-    site: str = "hospital_a"
-    camera: Literal["dermatoscope", "phone", "lamp"] = "dermatoscope"
+    site: str = "hospital_a"  # several: "hospital_a,hospital_b" (patients alternate between them)
+    camera: str = "dermatoscope"  # dermatoscope | phone | lamp; one, or one per site
     spurious_darkness: float = 0.0
     faults: Faults = Faults()
 
@@ -76,6 +76,8 @@ class Mismatch:
     epochs: int = 20
     batch_size: int = 64
     lr: float = 2e-3
+    weight_decay: float = 0.05
+    shift: float = 0.0
     image_size: int = 64
     embed_dim: int = 64
     score: Literal["csls", "cosine"] = "csls"

@@ -60,11 +60,18 @@ def tokenize(captions: list[str]) -> torch.Tensor:
     return SimpleTokenizer(context_length=77)(captions)
 
 
-def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random 90° rotations and flips: lesion attributes do not depend on orientation."""
+def _augment(x: torch.Tensor, gen: torch.Generator, shift: float = 0.0) -> torch.Tensor:
+    """Random 90° rotations, flips and shifts (per batch): lesion attributes do not depend on them."""
     k = int(torch.randint(0, 4, (1,), generator=gen))
     x = torch.rot90(x, k, dims=(2, 3))
-    return torch.flip(x, dims=(3,)) if bool(torch.randint(0, 2, (1,), generator=gen)) else x
+    if bool(torch.randint(0, 2, (1,), generator=gen)):
+        x = torch.flip(x, dims=(3,))
+    pad = int(shift * x.shape[-1])
+    if pad:
+        size = x.shape[-1]
+        i, j = torch.randint(0, 2 * pad + 1, (2,), generator=gen).tolist()
+        x = F.pad(x, (pad, pad, pad, pad), mode="reflect")[..., i : i + size, j : j + size]
+    return x
 
 
 def train_clip(images: torch.Tensor, tokens: torch.Tensor, cfg: Mismatch, seed: int):
@@ -73,7 +80,7 @@ def train_clip(images: torch.Tensor, tokens: torch.Tensor, cfg: Mismatch, seed: 
 
     torch.manual_seed(seed)
     model = builtin_model(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.05)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, len(images) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15)
     loss_fn, gen = ClipLoss(), torch.Generator().manual_seed(seed)
@@ -82,7 +89,7 @@ def train_clip(images: torch.Tensor, tokens: torch.Tensor, cfg: Mismatch, seed: 
         perm = torch.randperm(len(images), generator=gen)
         for s in range(steps_per_epoch):
             idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
-            img_f, txt_f, scale = model(_augment(images[idx], gen), tokens[idx])
+            img_f, txt_f, scale = model(_augment(images[idx], gen, cfg.shift), tokens[idx])
             loss = loss_fn(img_f, txt_f, scale)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -38,6 +38,7 @@ VAGUE_CAPTIONS = (
     "Atypical lesion, looks concerning.",
     "Unusual mole, abnormal.",
 )
+CAMERAS = ("dermatoscope", "phone", "lamp")
 NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight")
 MANIFEST_COLUMNS = ("id", "image", "caption", "label", "patient_id", "fitzpatrick", "site", "camera", "source")
 TRUTH_COLUMNS = (
@@ -304,23 +305,37 @@ def _normalised(mix: dict[str, float], names: tuple[str, ...], what: str) -> np.
     return w / w.sum()
 
 
+def sites_of(cfg: Synth) -> list[tuple[str, str]]:
+    """(site, camera) pairs from the comma-separated `site` and `camera` settings."""
+    sites = [s.strip() for s in cfg.site.split(",") if s.strip()]
+    cameras = [c.strip() for c in cfg.camera.split(",") if c.strip()]
+    if not sites or len(cameras) not in (1, len(sites)):
+        raise InputError(f"synth: give one camera or one per site (site={cfg.site!r}, camera={cfg.camera!r})")
+    bad = [c for c in cameras if c not in CAMERAS]
+    if bad:
+        raise InputError(f"synth.camera: unknown camera {bad[0]!r} (known: {list(CAMERAS)})")
+    return list(zip(sites, cameras * len(sites) if len(cameras) == 1 else cameras))
+
+
 def plan_lesions(cfg: Synth, labels: tuple[str, ...]) -> list[Lesion]:
     """Patients, skin types, labels and ABCD attributes for `cfg.n` clean images."""
     rng = np.random.default_rng([cfg.seed, 1])
     skin_p = _normalised(cfg.skin_mix, FITZPATRICK, "skin_mix")
     class_p = _normalised(cfg.class_mix, labels, "class_mix")
+    sites = sites_of(cfg)
     lo, hi = cfg.images_per_patient
     lesions: list[Lesion] = []
     patient = 0
     while len(lesions) < cfg.n:
+        site, camera = sites[patient % len(sites)]
         fitz = FITZPATRICK[int(rng.choice(6, p=skin_p))]
         for _ in range(min(int(rng.integers(lo, hi + 1)), cfg.n - len(lesions))):
             label = labels[int(rng.choice(len(labels), p=class_p))]
             a, b, colours, structures = sample_attributes(rng, label)
             dark = label == "benign" and rng.random() < cfg.spurious_darkness
             lesion = Lesion(
-                id=f"{cfg.site}-{len(lesions):06d}", patient_id=f"{cfg.site}-p{patient:05d}",
-                fitzpatrick=fitz, site=cfg.site, camera=cfg.camera, asymmetry=a, border=b,
+                id=f"{site}-{len(lesions):06d}", patient_id=f"{site}-p{patient:05d}",
+                fitzpatrick=fitz, site=site, camera=camera, asymmetry=a, border=b,
                 colours=colours, structures=structures, dark=bool(dark),
             )
             lesion.caption, lesion.label = caption_of(lesion), label_of(lesion.tds)
@@ -372,7 +387,7 @@ def _fault_rows(cfg: Synth, lesions: list[Lesion], files: dict[str, bytes]) -> l
     for kind, share in kinds:
         for _ in range(round(share * len(lesions))):
             src = clean[int(rng.integers(len(clean)))]
-            row = Lesion(**{**src.__dict__, "id": f"{cfg.site}-{len(lesions) + len(extra):06d}",
+            row = Lesion(**{**src.__dict__, "id": f"{src.site}-{len(lesions) + len(extra):06d}",
                             "fault": kind, "source_id": src.id})
             data, ext = files[src.id], (".jpg" if src.camera == "phone" else ".png")
             if kind == "near_duplicate":

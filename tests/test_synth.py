@@ -120,3 +120,14 @@ def test_phone_camera_writes_jpeg_with_a_colour_cast(tmp_path, params):
     rows = list(csv.DictReader(open(folder / "manifest.csv")))
     assert all(r["image"].endswith(".jpg") and r["camera"] == "phone" for r in rows)
     assert Image.open(folder / rows[0]["image"]).format == "JPEG"
+
+
+def test_several_sites_alternate_by_patient_and_bad_camera_is_an_input_error(params):
+    from pipeline.errors import InputError
+
+    cfg = params.synth.__class__(n=40, seed=1, site="a,b", camera="dermatoscope,phone")
+    lesions = synth.plan_lesions(cfg, params.data.labels)
+    assert {(l.site, l.camera) for l in lesions} == {("a", "dermatoscope"), ("b", "phone")}
+    assert all(l.patient_id.startswith(l.site + "-") for l in lesions)
+    with pytest.raises(InputError, match="unknown camera 'webcam'"):
+        synth.plan_lesions(params.synth.__class__(n=4, camera="webcam"), params.data.labels)
