@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None)
     sub.add_parser("curate", parents=[common], help="accept or quarantine every row")
     sub.add_parser("split", parents=[common], help="patient-grouped, stratified train/val/test split")
+    sub.add_parser("base", parents=[common], help="build and pre-train the built-in tiny Gemma 3")
+    sub.add_parser("train", parents=[common], help="PEFT fine-tune with the three-part alignment loss")
     return p
 
 

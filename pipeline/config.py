@@ -74,11 +74,11 @@ class Mismatch:
     pretrained: Optional[str] = None
     folds: int = 5
     epochs: int = 20
-    batch_size: int = 64
+    batch_size: int = 32
     lr: float = 2e-3
-    weight_decay: float = 0.05
-    shift: float = 0.0
-    image_size: int = 64
+    weight_decay: float = 0.2
+    shift: float = 0.1
+    image_size: int = 96
     embed_dim: int = 64
     score: Literal["csls", "cosine"] = "csls"
     csls_k: int = 10
@@ -110,12 +110,103 @@ class Split:
 
 
 @dataclass(frozen=True)
+class Tower:
+    """Size of one tower of the built-in model."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 1
+    patch_size: int = 8
+
+
+@dataclass(frozen=True)
+class ModelCfg:
+    base: str = "builtin:tiny-gemma3"  # or a Hugging Face id / local path, e.g. google/gemma-3-4b-it
+    image_size: int = 64
+    tokens_per_image: int = 16
+    vocab_size: int = 1024
+    vision: Tower = Tower()
+    text: Tower = Tower()
+
+
+@dataclass(frozen=True)
+class Base:
+    """Brief generic pre-training of the built-in model (a stand-in for a foundation checkpoint)."""
+
+    seed: int = 0
+    images: int = 512
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 2e-3
+    corpus_captions: int = 2000
+
+
+@dataclass(frozen=True)
+class Lr:
+    vision: float = 2e-4
+    text: float = 5e-4
+
+
+@dataclass(frozen=True)
+class Peft:
+    method: Literal["lora", "qlora", "dora", "adapter"] = "lora"
+    r: int = 16
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("all-linear",)
+    adapt_vision: bool = True
+    keep_vision_16bit: bool = True
+    adapter_name: str = "default"
+
+
+@dataclass(frozen=True)
+class Loss:
+    w_con: float = 0.4
+    w_ce: float = 0.5
+    w_mse: float = 0.1
+    tau: float = 0.07
+    learnable_tau: bool = False
+    queue_size: int = 0
+    embed_dim: int = 64
+    text_grad: bool = False
+
+
+@dataclass(frozen=True)
+class Train:
+    seed: int = 0
+    epochs: int = 3
+    max_steps: int = 0  # > 0 caps the run
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    grad_checkpointing: bool = False
+    checkpoint_every: int = 20
+    max_length: int = 256
+    lr: Lr = Lr()
+    peft: Peft = Peft()
+    loss: Loss = Loss()
+
+
+@dataclass(frozen=True)
+class MlflowCfg:
+    experiment: str = "multimodal-alignment"
+    registered_model: str = "lesion-adapter"
+
+
+@dataclass(frozen=True)
 class Params:
     paths: Paths = Paths()
     data: Data = Data()
     synth: Synth = Synth()
     curate: Curate = Curate()
     split: Split = Split()
+    model: ModelCfg = ModelCfg()
+    base: Base = Base()
+    train: Train = Train()
+    mlflow: MlflowCfg = MlflowCfg()
 
 
 def _is_dataclass_type(tp: Any) -> bool:

@@ -1,0 +1,113 @@
+"""`base`: the built-in tiny Gemma 3, built and briefly pre-trained as a stand-in for a foundation model.
+
+No pretrained weights can be downloaded here, so the built-in model first learns generic image-text
+grounding on procedurally drawn shapes ("a large red circle and a small black square on a light
+background"): colour and shape words tied to pixels, which transfer to lesion colours and borders.
+It never sees the benchmark's images. The tokenizer is trained on those captions, on lesion-style
+captions drawn from other seeds, and on the prompts. A Hugging Face id in `model.base` skips this stage.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from pipeline import chat, config, data as dataio, model as modelmod, synth
+from pipeline.collate import Collator
+from pipeline.train import answer_ce, to_device
+
+SHAPE_COLOURS = {"white": (236, 234, 228), "red": (184, 58, 60), "light brown": (176, 122, 80),
+                 "dark brown": (96, 56, 34), "blue-grey": (104, 120, 142), "black": (28, 24, 24)}
+SHAPES = ("circle", "square", "triangle", "ring")
+BACKGROUNDS = {"light": (225, 200, 180), "dark": (110, 80, 60)}
+PROMPT = "Describe the image."
+
+
+def draw_shapes(rng: np.random.Generator, size: int) -> tuple[Image.Image, str]:
+    """One generic image and its caption: 1-2 coloured shapes of two sizes on a light or dark ground."""
+    bg = list(BACKGROUNDS)[int(rng.integers(2))]
+    img = Image.new("RGB", (size, size), BACKGROUNDS[bg])
+    draw = ImageDraw.Draw(img)
+    parts = []
+    for k in range(int(rng.integers(1, 3))):
+        colour = list(SHAPE_COLOURS)[int(rng.integers(len(SHAPE_COLOURS)))]
+        shape, big = SHAPES[int(rng.integers(len(SHAPES)))], bool(rng.integers(2))
+        r = size * (0.22 if big else 0.11)
+        cx = size * (0.3 + 0.4 * k) + rng.uniform(-3, 3)
+        cy = size * 0.5 + rng.uniform(-size * 0.2, size * 0.2)
+        box = (cx - r, cy - r, cx + r, cy + r)
+        fill = SHAPE_COLOURS[colour]
+        if shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif shape == "square":
+            draw.rectangle(box, fill=fill)
+        elif shape == "triangle":
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+        else:
+            draw.ellipse(box, outline=fill, width=max(2, int(r / 3)))
+        parts.append(f"a {'large' if big else 'small'} {colour} {shape}")
+    caption = f"{' and '.join(parts).capitalize()} on a {bg} background."
+    return img, caption
+
+
+def generic_samples(n: int, seed: int, size: int, system_prompt: str) -> list[dict]:
+    rng = np.random.default_rng([seed, 99])
+    out = []
+    for i in range(n):
+        img, caption = draw_shapes(rng, size)
+        out.append({"id": f"shape-{i:05d}", "image": img, "messages": chat.messages(caption, PROMPT, system_prompt)})
+    return out
+
+
+def corpus(params: config.Params, samples: list[dict]) -> list[str]:
+    """Text for the tokenizer: generic captions, lesion-style captions from other seeds, the prompts."""
+    cfg = dataclasses.replace(params.synth, n=params.base.corpus_captions, seed=10_000 + params.base.seed)
+    lesion = [synth.caption_of(l) for l in synth.plan_lesions(cfg, params.data.labels)]
+    prompts = [params.data.prompt, params.data.system_prompt, PROMPT] + list(synth.VAGUE_CAPTIONS)
+    return [chat.answer(s["messages"]) for s in samples] + lesion + prompts * 20
+
+
+def pretrain(model, processor, samples: list[dict], cfg: config.Base) -> list[float]:
+    """Full-parameter causal-LM training on the answers; returns the per-step loss."""
+    collator = Collator(processor, max_length=512)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.steps, pct_start=0.1)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model.train()
+    history = []
+    for _ in range(cfg.steps):
+        idx = torch.randint(0, len(samples), (cfg.batch_size,), generator=gen).tolist()
+        batch = to_device(collator([samples[i] for i in idx]), next(model.parameters()).device)
+        out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          token_type_ids=batch["token_type_ids"], pixel_values=batch["pixel_values"])
+        loss = answer_ce(model, out.last_hidden_state, batch["labels"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        history.append(float(loss))
+    return history
+
+
+def main(params: config.Params) -> dict:
+    """Build, pre-train and save the built-in base to `paths.models/base` (atomically)."""
+    if params.model.base != modelmod.BUILTIN:
+        return {"skipped": f"model.base is {params.model.base!r}: loaded as is by train"}
+    torch.manual_seed(params.base.seed)
+    samples = generic_samples(params.base.images, params.base.seed, params.model.image_size, params.data.system_prompt)
+    model, processor = modelmod.build_builtin(params.model, corpus(params, samples), params.base.seed)
+    start = time.perf_counter()
+    history = pretrain(model, processor, samples, params.base)
+    with dataio.atomic_dir(Path(params.paths.models) / "base") as out:
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+        summary = {"parameters": sum(p.numel() for p in model.parameters()), "vocab": len(processor.tokenizer),
+                   "steps": len(history), "loss_first": history[0], "loss_last": float(np.mean(history[-10:])),
+                   "seconds": round(time.perf_counter() - start, 1)}
+        dataio.write_json(out / "pretrain.json", summary)
+    return summary

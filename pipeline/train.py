@@ -1,0 +1,342 @@
+"""`train`: PEFT fine-tune with the three-part alignment loss, written out as setup / step / evaluate / save.
+
+Resumable: every `checkpoint_every` optimizer steps the trainable state, optimizer, scheduler, RNG
+states and data position are written atomically to `models/checkpoints/last.pt`; a re-run with the same
+params and data resumes from it and ends with the same adapter as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline import audit, config, data as dataio, losses, model as modelmod
+from pipeline.collate import Collator
+from pipeline.errors import CheckFailed, InputError
+
+TERMS = ("contrastive", "ce", "mse", "total")
+
+
+# ----------------------------------------------------------------------------------------- forward
+def backbone(model):
+    """The Gemma3ForConditionalGeneration under any PEFT wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def answer_ce(base, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Causal-LM loss on the answer tokens only; logits are computed for those positions alone
+    (the full (B, T, vocab) tensor is never materialised)."""
+    target = labels[:, 1:]
+    keep = target != -100  # (B, T-1)
+    logits = base.lm_head(hidden[:, :-1][keep])  # (N_answer, V)
+    cap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return F.cross_entropy(logits.float(), target[keep])
+
+
+def forward_terms(model, heads, loss_fn: losses.AlignmentLoss, batch: dict, text_grad: bool) -> losses.Terms:
+    """One forward pass over a batch -> every loss term (DESIGN §6)."""
+    base = backbone(model)
+    align = loss_fn.w_con > 0 or loss_fn.w_mse > 0
+    image_out = base.model.get_image_features(batch["pixel_values"], return_dict=True)
+    out = base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     token_type_ids=batch["token_type_ids"], mm_encoder_outputs={"image": image_out})
+    ce = answer_ce(base, out.last_hidden_state, batch["labels"])
+    if not align:
+        zero = ce.new_zeros(())
+        return losses.Terms(contrastive=zero, ce=ce, mse=zero, total=loss_fn.w_ce * ce)
+    with torch.set_grad_enabled(text_grad and torch.is_grad_enabled()):
+        text_hidden = base.model.language_model(input_ids=batch["caption_ids"],
+                                                attention_mask=batch["caption_attention"]).last_hidden_state
+    v = heads.embed_image(image_out.pooler_output.float())  # (B, D)
+    t = heads.embed_text(text_hidden.float(), batch["caption_mask"])  # (B, D)
+    return loss_fn(v, t, ce, groups=losses.caption_groups(batch["captions"]))
+
+
+# ------------------------------------------------------------------------------------------- setup
+def param_groups(model, heads, loss_fn, lr: config.Lr) -> list[dict]:
+    """Vision side (vision tower, projector, image head) and text side (everything else trainable)."""
+    vision, text = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (vision if any(m in name for m in modelmod.VISION_MODULES) else text).append(p)
+    vision += list(heads.image.parameters())
+    text += list(heads.text.parameters()) + [p for p in loss_fn.parameters() if p.requires_grad]
+    return [{"name": "vision", "params": vision, "lr": lr.vision}, {"name": "text", "params": text, "lr": lr.text}]
+
+
+def schedule(warmup: int, total: int):
+    """Linear warm-up, then cosine decay to 10 % (a multiplier of each group's own learning rate)."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+@dataclass
+class State:
+    model: object
+    processor: object
+    heads: modelmod.AlignmentHeads
+    loss_fn: losses.AlignmentLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    collator: Collator
+    train: list[dict]
+    val: list[dict]
+    steps_per_epoch: int
+    total_steps: int
+    device: torch.device
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def device_and_dtype() -> tuple[torch.device, torch.dtype]:
+    """bf16 on a GPU, fp32 on the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
+def load_model(params: config.Params, device, dtype):
+    cfg = params.train.peft
+    source = modelmod.source_of(params.model, params.paths.models)
+    if params.model.base == modelmod.BUILTIN and not Path(source).is_dir():
+        raise InputError(f"model.base: the built-in base model is missing at {source} (run `python -m pipeline base`)")
+    model, processor = modelmod.load(source, quantize=cfg.method == "qlora", keep_vision_16bit=cfg.keep_vision_16bit,
+                                     dtype=dtype)
+    if cfg.method != "qlora":
+        model.to(device)
+    model = modelmod.apply_peft(model, cfg, adapter_name=cfg.adapter_name)
+    return model, processor
+
+
+def setup(params: config.Params, train: list[dict], val: list[dict]) -> State:
+    t = params.train
+    torch.manual_seed(t.seed)
+    device, dtype = device_and_dtype()
+    model, processor = load_model(params, device, dtype)
+    if t.grad_checkpointing:
+        backbone(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hidden = backbone(model).config.get_text_config().hidden_size
+    heads = modelmod.AlignmentHeads(hidden, t.loss.embed_dim).to(device)
+    loss_fn = losses.AlignmentLoss(t.loss.w_con, t.loss.w_ce, t.loss.w_mse, t.loss.tau, t.loss.learnable_tau,
+                                   t.loss.queue_size, t.loss.embed_dim).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, heads, loss_fn, t.lr), weight_decay=0.0)
+    steps_per_epoch = max(1, len(train) // (t.batch_size * t.grad_accum))
+    total = steps_per_epoch * t.epochs if not t.max_steps else min(t.max_steps, steps_per_epoch * t.epochs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(t.warmup_steps, total))
+    return State(model, processor, heads, loss_fn, optimizer, scheduler, Collator(processor, t.max_length),
+                 train, val, steps_per_epoch, total, device)
+
+
+# --------------------------------------------------------------------------------- step / evaluate
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def micro_batches(state: State, epoch: int, seed: int, batch_size: int) -> list[list[dict]]:
+    """The epoch's batches, in a seeded order (the same on a resumed run)."""
+    order = torch.randperm(len(state.train), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    n = len(order) // batch_size
+    return [[state.train[i] for i in order[b * batch_size : (b + 1) * batch_size]] for b in range(n)]
+
+
+def train_step(state: State, batches: list[list[dict]], t: config.Train) -> dict[str, float]:
+    """One optimizer step over `grad_accum` micro-batches; stops on a non-finite term."""
+    state.model.train()
+    sums = dict.fromkeys(TERMS, 0.0)
+    for mb in batches:
+        terms = forward_terms(state.model, state.heads, state.loss_fn, to_device(state.collator(mb), state.device),
+                              t.loss.text_grad)
+        for name, value in terms.as_floats().items():
+            if not math.isfinite(value):
+                raise CheckFailed(f"non-finite loss at step {state.step + 1}: loss/{name} = {value}")
+            sums[name] += value / len(batches)
+        (terms.total / len(batches)).backward()
+    params = [p for g in state.optimizer.param_groups for p in g["params"]]
+    torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+    state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    lrs = {f"lr/{g['name']}": g["lr"] for g in state.optimizer.param_groups}
+    state.scheduler.step()
+    state.step += 1
+    return {**{f"loss/{k}": v for k, v in sums.items()}, **lrs}
+
+
+@torch.no_grad()
+def evaluate(state: State, records: list[dict], batch_size: int) -> dict[str, float]:
+    """Mean loss terms over `records` (no gradient)."""
+    state.model.eval()
+    sums, n = dict.fromkeys(TERMS, 0.0), 0
+    for i in range(0, len(records) - batch_size + 1, batch_size):
+        terms = forward_terms(state.model, state.heads, state.loss_fn,
+                              to_device(state.collator(records[i : i + batch_size]), state.device), False)
+        for k, v in terms.as_floats().items():
+            sums[k] += v
+        n += 1
+    return {f"val/{k}": v / max(n, 1) for k, v in sums.items()}
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+def fingerprint(params: config.Params, train: list[dict]) -> str:
+    """What a checkpoint is valid for: the train/model params and the training data."""
+    h = hashlib.sha256(json.dumps({"train": config.flatten(params.train), "model": config.flatten(params.model)},
+                                  sort_keys=True, default=str).encode())
+    for r in train:
+        h.update(r["id"].encode())
+        h.update(r.get("image_sha256", "").encode())
+    return h.hexdigest()
+
+
+def trainable_state(state: State) -> dict:
+    return {n: p.detach().cpu().clone() for n, p in state.model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(state: State, path: Path, fp: str, extra: dict) -> None:
+    """Write atomically: a kill mid-write leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {"fingerprint": fp, "step": state.step, "model": trainable_state(state),
+            "heads": state.heads.state_dict(), "loss_fn": state.loss_fn.state_dict(),
+            "queue": state.loss_fn.queue.cpu(), "optimizer": state.optimizer.state_dict(),
+            "scheduler": state.scheduler.state_dict(), "history": state.history,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+            **extra}
+    tmp = path.with_suffix(".tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(state: State, path: Path, fp: str) -> dict | None:
+    """Restore `state` from `path` if it was written for the same params and data."""
+    if not path.is_file():
+        return None
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    if blob.get("fingerprint") != fp:
+        return None
+    named = dict(state.model.named_parameters())
+    with torch.no_grad():
+        for n, v in blob["model"].items():
+            named[n].copy_(v)
+    state.heads.load_state_dict(blob["heads"])
+    state.loss_fn.load_state_dict(blob["loss_fn"])
+    state.loss_fn.queue = blob["queue"].to(state.device)
+    state.optimizer.load_state_dict(blob["optimizer"])
+    state.scheduler.load_state_dict(blob["scheduler"])
+    state.step, state.history = blob["step"], blob["history"]
+    torch.set_rng_state(blob["rng"]["torch"])
+    random.setstate(blob["rng"]["python"])
+    np.random.set_state(blob["rng"]["numpy"])
+    return blob
+
+
+# ------------------------------------------------------------------------------------------ save
+def save_adapter(state: State, out: Path, params: config.Params) -> None:
+    """PEFT adapter folder (+ processor, + alignment heads) that PeftModel.from_pretrained loads."""
+    from safetensors.torch import save_file
+
+    state.model.save_pretrained(out)
+    state.processor.save_pretrained(out)
+    heads = {f"heads.{k}": v.contiguous() for k, v in state.heads.state_dict().items()}
+    if state.loss_fn.log_scale is not None:
+        heads["loss.log_scale"] = state.loss_fn.log_scale.detach().reshape(1)
+    save_file(heads, out / "alignment_heads.safetensors")
+    dataio.write_json(out / "pipeline_meta.json", {
+        "base": params.model.base, "base_source": modelmod.source_of(params.model, params.paths.models),
+        "labels": list(params.data.labels), "method": params.train.peft.method,
+        "adapter_name": params.train.peft.adapter_name, "embed_dim": params.train.loss.embed_dim,
+    })
+
+
+def write_steps_csv(path: Path, history: list[dict]) -> None:
+    cols = ["step", "epoch"] + [f"loss/{k}" for k in TERMS] + ["lr/vision", "lr/text"]
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        w.writerows(history)
+
+
+# ------------------------------------------------------------------------------------------ main
+def preflight(records: list[dict], processor, params: config.Params, model) -> dict:
+    """Audit every sample before any training; fails listing the offending ids."""
+    tokens = backbone(model).config.mm_tokens_per_image
+    report = audit.run(records, processor, tokens, params.train.max_length)
+    if report["offending"]:
+        ids = sorted(report["offending"])
+        raise CheckFailed(f"pre-flight audit: {len(ids)} sample(s) fail: {ids[:20]} "
+                          f"(first: {report['offending'][ids[0]]})")
+    return report
+
+
+def run(params: config.Params, train: list[dict], val: list[dict], tracker=None) -> dict:
+    """The loop: setup, pre-flight, steps (with checkpoints), evaluate each epoch, save."""
+    t = params.train
+    if not train:
+        raise InputError("train: no training samples")
+    state = setup(params, train, val)
+    report = preflight(train + val, state.processor, params, state.model)
+    models = Path(params.paths.models)
+    ckpt, fp = models / "checkpoints" / "last.pt", fingerprint(params, train)
+    resumed = load_checkpoint(state, ckpt, fp)
+    if tracker:
+        tracker.start(resumed.get("run_id") if resumed else None, params, report)
+    start = time.perf_counter()
+    from tqdm import tqdm
+
+    bar = tqdm(total=state.total_steps, initial=state.step, desc="train", unit="step", disable=None)
+    for epoch in range(t.epochs):
+        batches = micro_batches(state, epoch, t.seed, t.batch_size)
+        for s in range(state.steps_per_epoch):
+            global_step = epoch * state.steps_per_epoch + s
+            if global_step < state.step:
+                continue  # consumed before the checkpoint
+            if state.step >= state.total_steps:
+                break
+            row = train_step(state, batches[s * t.grad_accum : (s + 1) * t.grad_accum], t)
+            row.update(step=state.step, epoch=epoch)
+            state.history.append(row)
+            bar.update(1)
+            bar.set_postfix(total=f"{row['loss/total']:.3f}", ce=f"{row['loss/ce']:.3f}")
+            if tracker:
+                tracker.log_step(row)
+            if state.step % t.checkpoint_every == 0:
+                save_checkpoint(state, ckpt, fp, {"run_id": tracker.run_id if tracker else None})
+        if val and tracker:
+            tracker.log_metrics(evaluate(state, val, t.batch_size), state.step)
+    bar.close()
+    metrics = {"steps": state.step, "seconds": round(time.perf_counter() - start, 2),
+               "final": {k: v for k, v in state.history[-1].items() if k.startswith("loss/")} if state.history else {},
+               "first": {k: v for k, v in state.history[0].items() if k.startswith("loss/")} if state.history else {},
+               "val": evaluate(state, val, t.batch_size) if val else {}, "preflight_passed": report["passed"]}
+    with dataio.atomic_dir(models / "adapter") as out:
+        save_adapter(state, out, params)
+    dataio.write_json(models / "train_metrics.json", metrics)
+    write_steps_csv(models / "train_steps.csv", state.history)
+    dataio.write_json(models / "preflight.json", report)
+    if tracker:
+        tracker.finish(metrics, models)
+    ckpt.unlink(missing_ok=True)
+    return metrics
+
+
+def main(params: config.Params) -> dict:
+    split = Path(params.paths.split)
+    for name in ("train.jsonl", "val.jsonl"):
+        if not (split / name).is_file():
+            raise InputError(f"train: {split / name} not found (run split first)")
+    from pipeline.tracking import Tracker
+
+    return run(params, dataio.read_jsonl(split / "train.jsonl"), dataio.read_jsonl(split / "val.jsonl"), Tracker(params))
