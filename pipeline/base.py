@@ -90,7 +90,7 @@ def pretrain(model, processor, samples: list[dict], cfg: config.Base) -> list[fl
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        history.append(float(loss))
+        history.append(loss.item())
     return history
 
 

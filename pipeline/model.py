@@ -108,7 +108,8 @@ def nf4_config(keep_vision_16bit: bool, dtype):
         from transformers import BitsAndBytesConfig
     except ImportError as e:
         raise InputError(f"train.peft.method=qlora needs bitsandbytes: {e}") from None
-    skip = list(VISION_MODULES) + ["lm_head"] if keep_vision_16bit else ["lm_head"]
+    # transformers matches these from the start of the module name (as regexes) or as suffixes
+    skip = [f".*{m}" for m in VISION_MODULES] + ["lm_head"] if keep_vision_16bit else ["lm_head"]
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=skip)
 

@@ -47,3 +47,33 @@ def clean_set(tmp_path_factory, params) -> Path:
     """40 clean lesions at 64 px."""
     return make_dataset(tmp_path_factory.mktemp("clean"), params, n=40, image_size=64, seed=5,
                         faults={k: 0.0 for k in ALL_FAULTS})
+
+
+def tiny(params: config.Params, root: Path, **train_kw) -> config.Params:
+    """Params for a fast run under `root`: 30-step base, 8-step fine-tune, batch 4."""
+    paths = dataclasses.replace(params.paths, raw=str(root / "raw"), curated=str(root / "curated"),
+                                split=str(root / "split"), models=str(root / "models"), reports=str(root / "reports"))
+    base = dataclasses.replace(params.base, images=64, steps=30, batch_size=8, corpus_captions=300)
+    kw = dict(epochs=1, max_steps=8, batch_size=4, checkpoint_every=4, warmup_steps=2)
+    train = dataclasses.replace(params.train, **{**kw, **train_kw})
+    return dataclasses.replace(params, paths=paths, base=base, train=train)
+
+
+@pytest.fixture(scope="session")
+def records(tmp_path_factory, params, clean_set):
+    """Curated chat samples of the 40-lesion clean set (mismatch model off, for speed)."""
+    from pipeline import curate, data as dataio
+
+    cfg = dataclasses.replace(params.curate, mismatch=dataclasses.replace(params.curate.mismatch, enabled=False))
+    rows = dataio.read_manifest(clean_set / "manifest.csv")
+    return curate.run(rows, clean_set, cfg, params.data, image_prefix=str(clean_set)).accepted
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory, params) -> Path:
+    """The built-in tiny Gemma 3, built and pre-trained for 30 steps, saved once per session."""
+    from pipeline import base
+
+    root = tmp_path_factory.mktemp("base")
+    base.main(tiny(params, root))
+    return root / "models" / "base"

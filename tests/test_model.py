@@ -1,0 +1,100 @@
+"""The built-in Gemma 3: a normal checkpoint folder, Google's chat template byte for byte, real tokens."""
+import jinja2
+import pytest
+import torch
+from transformers import AutoProcessor, Gemma3ForConditionalGeneration
+
+from pipeline import chat, model as modelmod
+
+from conftest import ROOT
+
+
+def google_template():
+    """Google's Gemma 3 template as TRL ships it (an outside copy), rendered with plain jinja2."""
+    import trl
+
+    path = __import__("pathlib").Path(trl.__file__).parent / "chat_templates" / "gemma3.jinja"
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)  # transformers renders with these
+    env.globals["raise_exception"] = lambda m: (_ for _ in ()).throw(ValueError(m))
+    return env.from_string(path.read_text())
+
+
+CONVERSATIONS = [
+    chat.messages("A small red circle on a light background.", "Describe the image.", "You are terse."),
+    chat.messages("A small red circle on a light background.", "Describe the image."),
+    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
+     {"role": "assistant", "content": [{"type": "text", "text": "A lesion."}]},
+     {"role": "user", "content": [{"type": "text", "text": "  And its border? "}]},
+     {"role": "assistant", "content": [{"type": "text", "text": "Abrupt in two segments."}]}],
+    [{"role": "system", "content": "Plain string system."}, {"role": "user", "content": "Plain string user."}],
+]
+
+
+@pytest.mark.parametrize("conv", CONVERSATIONS)
+@pytest.mark.parametrize("gen", [False, True])
+def test_builtin_chat_template_is_byte_identical_to_googles(base_dir, conv, gen):
+    proc = AutoProcessor.from_pretrained(base_dir)
+    ours = proc.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
+    ref = google_template().render(messages=conv, bos_token="<bos>", add_generation_prompt=gen)
+    assert ours == ref
+
+
+def test_rendering_matches_the_design_example(base_dir):
+    proc = AutoProcessor.from_pretrained(base_dir)
+    text = proc.apply_chat_template(chat.messages("CAP", "PROMPT", "SYS"), tokenize=False)
+    assert text == ("<bos><start_of_turn>user\nSYS\n\n<start_of_image>PROMPT<end_of_turn>\n"
+                    "<start_of_turn>model\nCAP<end_of_turn>\n")
+
+
+def test_template_constant_equals_the_outside_copy():
+    import trl
+
+    path = __import__("pathlib").Path(trl.__file__).parent / "chat_templates" / "gemma3.jinja"
+    assert chat.GEMMA3_CHAT_TEMPLATE == path.read_text()
+
+
+def test_base_folder_loads_like_a_hub_checkpoint(base_dir):
+    proc = AutoProcessor.from_pretrained(base_dir)
+    model = Gemma3ForConditionalGeneration.from_pretrained(base_dir)
+    assert type(proc).__name__ == "Gemma3Processor"
+    cfg = model.config
+    assert cfg.text_config.num_hidden_layers == 2 and cfg.text_config.hidden_size == 64
+    assert type(model.model.vision_tower).__name__ == "SiglipVisionModel"
+    tok = proc.tokenizer
+    for t in modelmod.SPECIAL_TOKENS:
+        assert tok.convert_tokens_to_ids(t) != tok.unk_token_id or t == "<unk>"
+    assert cfg.image_token_id == tok.convert_tokens_to_ids("<image_soft_token>")
+    assert cfg.boi_token_id == tok.convert_tokens_to_ids("<start_of_image>")
+
+
+def test_tokenizer_round_trips_any_text(base_dir):
+    tok = AutoProcessor.from_pretrained(base_dir).tokenizer
+    for text in ["Clinical impression: melanoma.", "café – Ünïcode ✓ 😀", "two  spaces\nand\ttabs"]:
+        assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_processor_expands_the_image_at_its_place(base_dir):
+    from PIL import Image
+
+    proc = AutoProcessor.from_pretrained(base_dir)
+    text = proc.apply_chat_template(chat.messages("CAP", "PROMPT", "SYS"), tokenize=False)
+    enc = proc(text=[text], images=[[Image.new("RGB", (80, 80))]], return_tensors="pt", add_special_tokens=False)
+    toks = proc.tokenizer.convert_ids_to_tokens(enc["input_ids"][0])
+    i = toks.index("<start_of_image>")
+    assert toks[i + 1 : i + 17] == ["<image_soft_token>"] * 16 and toks[i + 17] == "<end_of_image>"
+    assert enc["token_type_ids"][0].sum() == 16
+    assert tuple(enc["pixel_values"].shape) == (1, 3, 64, 64)
+
+
+def test_pretraining_lowered_the_loss(base_dir):
+    import json
+
+    summary = json.loads((base_dir / "pretrain.json").read_text())
+    assert summary["loss_last"] < 0.7 * summary["loss_first"]
+
+
+def test_unloadable_base_is_an_input_error(tmp_path):
+    from pipeline.errors import InputError
+
+    with pytest.raises(InputError, match="cannot load"):
+        modelmod.load(str(tmp_path / "nothing-here"))

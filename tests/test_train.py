@@ -1,0 +1,212 @@
+"""train: the loop learns, touches only what it should, resumes after a kill, logs every term."""
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from pipeline import config, train
+from pipeline.errors import CheckFailed, InputError
+
+from conftest import ROOT, tiny
+
+
+def _params(params, tmp_path, base_dir, **train_kw):
+    p = tiny(params, tmp_path, **train_kw)
+    (tmp_path / "models").mkdir(exist_ok=True)
+    os.symlink(base_dir, tmp_path / "models" / "base")
+    return p
+
+
+def _lr(p, vision, text):
+    return dataclasses.replace(p, train=dataclasses.replace(p.train, lr=config.Lr(vision=vision, text=text)))
+
+
+def test_short_run_learns_and_touches_only_trainable_parameters(params, tmp_path, base_dir, records):
+    p = _lr(_params(params, tmp_path, base_dir, epochs=3, max_steps=0), 3e-3, 3e-3)
+    state = train.setup(p, records[:32], records[32:])
+    before = {n: t.detach().clone() for n, t in state.model.named_parameters()}
+    fixed = records[:8]
+    start = train.evaluate(state, fixed, 8)
+    for epoch in range(3):
+        batches = train.micro_batches(state, epoch, 0, 4)
+        for b in batches:
+            row = train.train_step(state, [b], p.train)
+            assert all(torch.isfinite(torch.tensor(v)) for v in row.values())
+    end = train.evaluate(state, fixed, 8)
+    for term in ("ce", "contrastive", "mse", "total"):
+        assert end[f"val/{term}"] < start[f"val/{term}"], (term, start, end)
+    changed = {n for n, t in state.model.named_parameters() if not torch.equal(t, before[n])}
+    trainable = {n for n, t in state.model.named_parameters() if t.requires_grad}
+    assert changed and changed <= trainable  # frozen base parameters unchanged
+    assert all("lora_" in n for n in trainable)
+    assert any("vision_tower" in n for n in changed) and any("language_model" in n for n in changed)
+
+
+def test_every_parameter_is_in_exactly_one_group_with_its_learning_rate(params, tmp_path, base_dir, records):
+    p = _params(params, tmp_path, base_dir)
+    state = train.setup(p, records[:8], [])
+    groups = {g["name"]: g for g in state.optimizer.param_groups}
+    assert groups["vision"]["initial_lr"] == 2e-4 and groups["text"]["initial_lr"] == 5e-4
+    ids = [id(q) for g in groups.values() for q in g["params"]]
+    assert len(ids) == len(set(ids))
+    trainable = [q for q in state.model.parameters() if q.requires_grad] + list(state.heads.parameters())
+    assert {id(q) for q in trainable} == set(ids)
+    names = {id(q): n for n, q in state.model.named_parameters()}
+    for q in groups["vision"]["params"]:
+        assert id(q) not in names or "vision_tower" in names[id(q)] or "multi_modal_projector" in names[id(q)]
+    for q in groups["text"]["params"]:
+        assert id(q) not in names or "language_model" in names[id(q)]
+    assert all(id(q) in ids for q in state.heads.image.parameters())
+
+
+def test_qlora_quantises_the_language_model_and_keeps_vision_16bit(params, tmp_path, base_dir, records):
+    import bitsandbytes as bnb
+
+    p = _params(params, tmp_path, base_dir)
+    p = dataclasses.replace(p, train=dataclasses.replace(p.train, peft=dataclasses.replace(p.train.peft, method="qlora")))
+    state = train.setup(p, records[:8], [])
+    base = train.backbone(state.model)
+    lm = [m for n, m in base.model.language_model.named_modules() if n.endswith(("q_proj", "down_proj"))]
+    vis = [m for n, m in base.model.vision_tower.named_modules() if n.endswith(("q_proj", "fc1"))]
+    assert lm and all(isinstance(m.base_layer, bnb.nn.Linear4bit) for m in lm)
+    assert vis and not any(isinstance(getattr(m, "base_layer", m), bnb.nn.Linear4bit) for m in vis)
+    w = lm[0].base_layer.weight
+    assert w.quant_state.quant_type == "nf4" and w.quant_state.nested  # NF4 + double quantisation
+    before = {n: t.detach().clone() for n, t in state.model.named_parameters() if t.requires_grad}
+    row = train.train_step(state, [records[:4]], p.train)
+    assert torch.isfinite(torch.tensor(row["loss/total"]))
+    assert any(not torch.equal(t, before[n]) for n, t in state.model.named_parameters() if t.requires_grad)
+
+
+def test_bad_peft_settings_fail_before_any_work(params, tmp_path, base_dir, records):
+    p = _params(params, tmp_path, base_dir)
+    bad = dataclasses.replace(p, train=dataclasses.replace(p.train, peft=dataclasses.replace(p.train.peft, target_modules=("nope_proj",))))
+    with pytest.raises(InputError, match="nope_proj"):
+        train.setup(bad, records[:4], [])
+    missing = dataclasses.replace(p, paths=dataclasses.replace(p.paths, models=str(tmp_path / "none")))
+    with pytest.raises(InputError, match="run `python -m pipeline base`"):
+        train.setup(missing, records[:4], [])
+
+
+def test_non_finite_loss_stops_with_step_and_term(params, tmp_path, base_dir, records):
+    p = _params(params, tmp_path, base_dir)
+    state = train.setup(p, records[:8], [])
+    with torch.no_grad():
+        state.heads.image[0].weight.fill_(float("nan"))  # the image embedding goes bad, the LM does not
+    with pytest.raises(CheckFailed, match=r"step 1: loss/contrastive = nan"):
+        train.train_step(state, [records[:4]], p.train)
+
+
+def _write_params(p, path):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["paths"] = dataclasses.asdict(p.paths)
+    raw["train"].update(epochs=p.train.epochs, max_steps=p.train.max_steps, batch_size=p.train.batch_size,
+                        checkpoint_every=p.train.checkpoint_every, warmup_steps=p.train.warmup_steps)
+    path.write_text(yaml.safe_dump(raw))
+
+
+def _prepare(params, root, base_dir, records):
+    from pipeline import data as dataio
+
+    p = _params(params, root, base_dir, max_steps=10, checkpoint_every=2, epochs=2)
+    (root / "split").mkdir()
+    dataio.write_jsonl(root / "split" / "train.jsonl", records[:32])
+    dataio.write_jsonl(root / "split" / "val.jsonl", records[32:36])
+    _write_params(p, root / "params.yaml")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "PYTHONPATH": str(ROOT)}
+    return env
+
+
+def _train_cmd(root):
+    return [sys.executable, "-m", "pipeline", "train", "--params", str(root / "params.yaml")]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_checkpoint_and_ends_the_same(params, tmp_path, base_dir, records):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for root in (a, b):
+        root.mkdir()
+    env_a, env_b = _prepare(params, a, base_dir, records), _prepare(params, b, base_dir, records)
+    r = subprocess.run(_train_cmd(a), cwd=a, env=env_a, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    proc = subprocess.Popen(_train_cmd(b), cwd=b, env=env_b, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = b / "models" / "checkpoints" / "last.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and torch.load(ckpt, weights_only=False)["step"] >= 4:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(ckpt, weights_only=False)["step"]
+    assert 4 <= killed_at < 10 and not (b / "models" / "adapter").exists()
+    r = subprocess.run(_train_cmd(b), cwd=b, env=env_b, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    wa = load_file(a / "models" / "adapter" / "adapter_model.safetensors")
+    wb = load_file(b / "models" / "adapter" / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6), k  # stated tolerance: 1e-6 absolute
+    steps_b = (b / "models" / "train_steps.csv").read_text().splitlines()
+    assert len(steps_b) == 11 and steps_b == (a / "models" / "train_steps.csv").read_text().splitlines()
+    # the resumed run continued the same MLflow run, which holds every per-step metric
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=env_b["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name(params.mlflow.experiment).experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    for key in ("loss/contrastive", "loss/ce", "loss/mse", "loss/total", "lr/vision", "lr/text"):
+        steps = {m.step for m in client.get_metric_history(run.info.run_id, key)}
+        assert steps == set(range(1, 11)), key
+    assert run.data.params["train.lr.vision"] == "0.0002" and run.data.params["train.peft.method"] == "lora"
+    arts = {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert {"preflight.json", "adapter", "train_steps.csv"} <= arts
+
+
+@pytest.mark.slow
+def test_adapter_loads_with_peft_and_switches_by_task(params, tmp_path, base_dir, records):
+    from peft import PeftModel
+    from transformers import Gemma3ForConditionalGeneration
+
+    outs = {}
+    for task in ("lesions", "borders"):
+        root = tmp_path / task
+        root.mkdir()
+        p = _params(params, root, base_dir, max_steps=2)
+        p = dataclasses.replace(p, train=dataclasses.replace(p.train, peft=dataclasses.replace(p.train.peft, method="adapter", adapter_name=task)))
+        train.run(p, records[:16] if task == "lesions" else records[16:32], [])
+        outs[task] = root / "models" / "adapter"
+        meta = json.loads((outs[task] / "pipeline_meta.json").read_text())
+        assert meta["adapter_name"] == task and (outs[task] / "alignment_heads.safetensors").is_file()
+    base = Gemma3ForConditionalGeneration.from_pretrained(base_dir)
+    model = PeftModel.from_pretrained(base, outs["lesions"] / "lesions", adapter_name="lesions")
+    model.load_adapter(outs["borders"] / "borders", adapter_name="borders")
+    batch = train.Collator(__import__("transformers").AutoProcessor.from_pretrained(base_dir))(records[:2])
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "pixel_values")}
+    model.eval()
+    with torch.no_grad():
+        model.set_adapter("lesions")
+        a = model(**inputs).logits
+        model.set_adapter("borders")
+        b = model(**inputs).logits
+    assert not torch.allclose(a, b)
+
+
+@pytest.mark.slow
+def test_dora_trains(params, tmp_path, base_dir, records):
+    p = _params(params, tmp_path, base_dir)
+    p = dataclasses.replace(p, train=dataclasses.replace(p.train, peft=dataclasses.replace(p.train.peft, method="dora")))
+    state = train.setup(p, records[:8], [])
+    assert any("lora_magnitude_vector" in n for n, _ in state.model.named_parameters())
+    row = train.train_step(state, [records[:4]], p.train)
+    assert torch.isfinite(torch.tensor(row["loss/total"]))
