@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 from pipeline import chat, config, data as dataio, model as modelmod, synth
 from pipeline.collate import Collator
-from pipeline.train import answer_ce, to_device
+from pipeline.train import answer_ce, schedule, to_device
 
 SHAPE_COLOURS = {"white": (236, 234, 228), "red": (184, 58, 60), "light brown": (176, 122, 80),
                  "dark brown": (96, 56, 34), "blue-grey": (104, 120, 142), "black": (28, 24, 24)}
@@ -75,7 +75,7 @@ def pretrain(model, processor, samples: list[dict], cfg: config.Base) -> list[fl
     """Full-parameter causal-LM training on the answers; returns the per-step loss."""
     collator = Collator(processor, max_length=512)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.steps, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(max(1, cfg.steps // 10), cfg.steps))
     gen = torch.Generator().manual_seed(cfg.seed)
     model.train()
     history = []

@@ -159,4 +159,8 @@ class AlignmentHeads(nn.Module):
     def embed_text(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, T, H) hidden states over caption tokens, (B, T) mask -> (B, D) unit vectors."""
         m = mask.unsqueeze(-1).to(hidden.dtype)
-        return F.normalize(self.text((hidden * m).sum(1) / m.sum(1).clamp(min=1)), dim=-1)
+        return self.embed_pooled((hidden * m).sum(1) / m.sum(1).clamp(min=1))
+
+    def embed_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, H) mean-pooled caption features -> (B, D) unit vectors."""
+        return F.normalize(self.text(pooled), dim=-1)

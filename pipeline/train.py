@@ -45,8 +45,45 @@ def answer_ce(base, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), target[keep])
 
 
-def forward_terms(model, heads, loss_fn: losses.AlignmentLoss, batch: dict, text_grad: bool) -> losses.Terms:
-    """One forward pass over a batch -> every loss term (DESIGN §6)."""
+class TextAnchor:
+    """Pooled caption features from the frozen base LM (adapters off), cached per caption.
+
+    The text side of the alignment is a fixed target: the base model's own reading of the caption.
+    Computed once per distinct caption, it costs nothing after the first epoch.
+    """
+
+    def __init__(self):
+        self.cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, model, batch: dict) -> torch.Tensor:
+        todo = [i for i, c in enumerate(batch["captions"]) if c not in self.cache]
+        if todo:
+            idx = torch.tensor(todo, device=batch["caption_ids"].device)
+            with _adapters_off(model):
+                hidden = backbone(model).model.language_model(
+                    input_ids=batch["caption_ids"][idx], attention_mask=batch["caption_attention"][idx]).last_hidden_state
+            m = batch["caption_mask"][idx].unsqueeze(-1).to(hidden.dtype)
+            pooled = ((hidden * m).sum(1) / m.sum(1).clamp(min=1)).float()  # (n, H)
+            for j, i in enumerate(todo):
+                self.cache[batch["captions"][i]] = pooled[j]
+        return torch.stack([self.cache[c] for c in batch["captions"]])  # (B, H)
+
+
+def _adapters_off(model):
+    import contextlib
+
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+
+
+def forward_terms(model, heads, loss_fn: losses.AlignmentLoss, batch: dict, text_grad: bool,
+                  anchor: TextAnchor | None = None) -> losses.Terms:
+    """One forward pass over a batch -> every loss term (DESIGN §6).
+
+    The image features are computed once and handed to the LM (`mm_encoder_outputs`); the caption side
+    comes from `anchor` (frozen base, cached) unless `text_grad`, where the adapted LM reads the caption
+    in a text-only pass with gradient.
+    """
     base = backbone(model)
     align = loss_fn.w_con > 0 or loss_fn.w_mse > 0
     image_out = base.model.get_image_features(batch["pixel_values"], return_dict=True)
@@ -56,11 +93,14 @@ def forward_terms(model, heads, loss_fn: losses.AlignmentLoss, batch: dict, text
     if not align:
         zero = ce.new_zeros(())
         return losses.Terms(contrastive=zero, ce=ce, mse=zero, total=loss_fn.w_ce * ce)
-    with torch.set_grad_enabled(text_grad and torch.is_grad_enabled()):
-        text_hidden = base.model.language_model(input_ids=batch["caption_ids"],
-                                                attention_mask=batch["caption_attention"]).last_hidden_state
     v = heads.embed_image(image_out.pooler_output.float())  # (B, D)
-    t = heads.embed_text(text_hidden.float(), batch["caption_mask"])  # (B, D)
+    if text_grad or anchor is None:
+        with torch.set_grad_enabled(text_grad and torch.is_grad_enabled()):
+            text_hidden = base.model.language_model(input_ids=batch["caption_ids"],
+                                                    attention_mask=batch["caption_attention"]).last_hidden_state
+        t = heads.embed_text(text_hidden.float(), batch["caption_mask"])  # (B, D)
+    else:
+        t = heads.embed_pooled(anchor(model, batch))  # (B, D)
     return loss_fn(v, t, ce, groups=losses.caption_groups(batch["captions"]))
 
 
@@ -100,6 +140,7 @@ class State:
     steps_per_epoch: int
     total_steps: int
     device: torch.device
+    anchor: TextAnchor = field(default_factory=TextAnchor)
     step: int = 0
     history: list[dict] = field(default_factory=list)
 
@@ -161,7 +202,7 @@ def train_step(state: State, batches: list[list[dict]], t: config.Train) -> dict
     sums = dict.fromkeys(TERMS, 0.0)
     for mb in batches:
         terms = forward_terms(state.model, state.heads, state.loss_fn, to_device(state.collator(mb), state.device),
-                              t.loss.text_grad)
+                              t.loss.text_grad, state.anchor)
         for name, value in terms.as_floats().items():
             if not math.isfinite(value):
                 raise CheckFailed(f"non-finite loss at step {state.step + 1}: loss/{name} = {value}")
@@ -184,7 +225,7 @@ def evaluate(state: State, records: list[dict], batch_size: int) -> dict[str, fl
     sums, n = dict.fromkeys(TERMS, 0.0), 0
     for i in range(0, len(records) - batch_size + 1, batch_size):
         terms = forward_terms(state.model, state.heads, state.loss_fn,
-                              to_device(state.collator(records[i : i + batch_size]), state.device), False)
+                              to_device(state.collator(records[i : i + batch_size]), state.device), False, state.anchor)
         for k, v in terms.as_floats().items():
             sums[k] += v
         n += 1

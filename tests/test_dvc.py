@@ -30,7 +30,7 @@ def clone(tmp_path):
         if (ROOT / f).is_file():
             (dst / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, dst / f)
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     _run(["git", "init", "-q"], dst, env)
     _run(["git", "add", "-A"], dst, env)
@@ -45,12 +45,16 @@ def test_dvc_repro_from_a_clean_clone(clone):
     params["synth"].update(n=60, image_size=64)  # small, so the test stays fast
     params["curate"]["mismatch"].update(epochs=2, folds=3, image_size=32)
     params["split"]["min_stratum"] = 4
+    params["base"].update(steps=10, images=32, corpus_captions=200)
+    params["train"].update(max_steps=3, batch_size=4, checkpoint_every=2)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run([str(BIN / "dvc"), "repro", "--quiet"], repo, env)
+    _run([str(BIN / "dvc"), "repro"], repo, env)
     report = json.loads((repo / "data/curated/report.json").read_text())
     assert report["rows_in"] == report["accepted"] + report["quarantined"] > 60
     split_report = json.loads((repo / "data/split/report.json").read_text())
     assert split_report["patient_overlap"] == 0
+    assert (repo / "models/adapter/adapter_model.safetensors").is_file()
+    assert json.loads((repo / "models/train_metrics.json").read_text())["steps"] == 3
     assert (repo / "dvc.lock").is_file()
     out = _run([str(BIN / "dvc"), "status"], repo, env)
     assert "up to date" in out.lower()
@@ -58,4 +62,4 @@ def test_dvc_repro_from_a_clean_clone(clone):
     params["split"]["seed"] = 5
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _run([str(BIN / "dvc"), "status"], repo, env)
-    assert "split" in out and "curate" not in out
+    assert "split" in out and "curate" not in out and "base" not in out
