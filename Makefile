@@ -26,13 +26,14 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 demo: setup
-	$(BIN)/python -m pipeline synth --out data/raw
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
-	@echo "curated: data/curated/report.json   split: data/split/report.json"
+	PATH="$(CURDIR)/$(BIN):$$PATH" MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlflow.db $(BIN)/dvc repro
+	@$(BIN)/python -c "import json; c=json.load(open('data/curated/report.json')); s=json.load(open('data/split/report.json')); t=json.load(open('models/train_metrics.json')); print('curated:', c['accepted'], 'accepted,', c['quarantined'], 'quarantined', c['reasons']); print('split:', s['sizes'], 'patient overlap', s['patient_overlap'], 'within tolerance', s['all_within_tolerance']); print('train:', t['steps'], 'steps; first', t['first'], '; last', t['final'])"
+	@echo "MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
 
 bench: setup
 	$(BIN)/python bench/curate_throughput.py
 	$(BIN)/python bench/mismatch.py
+	$(BIN)/python bench/train_step.py
 
 clean:
 	rm -rf data models reports mlruns mlartifacts mlflow.db

@@ -44,21 +44,13 @@ def _synth(args, params: config.Params) -> dict:
 
     overrides = list(args.overrides)
     overrides += [f"synth.{key}={getattr(args, flag)}" for flag, key in SYNTH_FLAGS.items() if getattr(args, flag) is not None]
-    params = config.load(args.params, overrides) if Path(args.params).exists() else config.build(config.Params, _overrides_only(overrides))
+    if Path(args.params).exists():
+        params = config.load(args.params, overrides)
+    else:  # synth also runs outside a project, on the defaults
+        params = config.build(config.Params, config.apply_overrides({}, overrides))
     out = Path(args.out or params.paths.raw)
     with dataio.atomic_dir(out) as tmp:
         return synth.run(params.synth, params.data, tmp)
-
-
-def _overrides_only(overrides: list[str]) -> dict:
-    raw: dict = {}
-    for text in overrides:
-        keys, value = config.parse_override(text)
-        node = raw
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
-    return raw
 
 
 def run(argv: list[str] | None = None) -> int:

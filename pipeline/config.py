@@ -289,6 +289,11 @@ def load(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...
         raise InputError(f"params: file {path} not found") from None
     except (OSError, yaml.YAMLError) as e:
         raise InputError(f"params: cannot read {path}: {e}") from None
+    return build(Params, apply_overrides(raw, overrides))
+
+
+def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Set each `section.key=value` in the raw mapping (in place) and return it."""
     for text in overrides:
         keys, value = parse_override(text)
         node = raw
@@ -297,7 +302,7 @@ def load(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...
             if not isinstance(node, dict):
                 raise InputError(f"--set {text!r}: {k} is not a section")
         node[keys[-1]] = value
-    return build(Params, raw)
+    return raw
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

@@ -57,16 +57,12 @@ class TextAnchor:
 
     @torch.no_grad()
     def __call__(self, model, batch: dict) -> torch.Tensor:
-        todo = [i for i, c in enumerate(batch["captions"]) if c not in self.cache]
-        if todo:
-            idx = torch.tensor(todo, device=batch["caption_ids"].device)
-            with _adapters_off(model):
-                hidden = backbone(model).model.language_model(
-                    input_ids=batch["caption_ids"][idx], attention_mask=batch["caption_attention"][idx]).last_hidden_state
-            m = batch["caption_mask"][idx].unsqueeze(-1).to(hidden.dtype)
-            pooled = ((hidden * m).sum(1) / m.sum(1).clamp(min=1)).float()  # (n, H)
-            for j, i in enumerate(todo):
-                self.cache[batch["captions"][i]] = pooled[j]
+        for i, caption in enumerate(batch["captions"]):
+            if caption not in self.cache:  # one unpadded pass per caption: the same bits in any batch
+                n = int(batch["caption_attention"][i].sum())
+                with _adapters_off(model):
+                    hidden = backbone(model).model.language_model(input_ids=batch["caption_ids"][i : i + 1, :n]).last_hidden_state
+                self.cache[caption] = hidden[0, 1:].float().mean(0)  # (H,): caption tokens, not <bos>
         return torch.stack([self.cache[c] for c in batch["captions"]])  # (B, H)
 
 
