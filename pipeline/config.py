@@ -106,7 +106,8 @@ class Split:
     fractions: dict[str, float] = field(default_factory=lambda: {"train": 0.7, "val": 0.15, "test": 0.15})
     min_stratum: int = 10
     mismatch_fraction: float = 0.5
-    search_iters: int = 4000
+    search_iters: int = 10000
+    restarts: int = 10
 
 
 @dataclass(frozen=True)

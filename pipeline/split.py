@@ -130,6 +130,20 @@ def make_val_mismatch(val: list[dict], pool: list[dict], fraction: float, seed: 
     return out
 
 
+def search(records, strata, group_counts, p_index, names, fractions, cfg: Split) -> list[str]:
+    """Seeded restarts of the assignment until every stratum is within tolerance (else the best)."""
+    best, best_bad = None, None
+    for restart in range(cfg.restarts):
+        assign = assign_groups(group_counts, fractions, cfg.seed * 1000 + restart, cfg.search_iters)
+        split_of = [names[assign[p_index[r["patient_id"]]]] for r in records]
+        bad = sum(not row["within_tolerance"] for row in stratum_table(strata, split_of, names))
+        if best_bad is None or bad < best_bad:
+            best, best_bad = split_of, bad
+        if bad == 0:
+            break
+    return best
+
+
 def run(records: list[dict], cfg: Split, data: Data) -> Result:
     """Split curated records; pure function of (records, cfg)."""
     if not records:
@@ -149,8 +163,7 @@ def run(records: list[dict], cfg: Split, data: Data) -> Result:
     group_counts = np.zeros((len(patients), len(keys)))
     for r, k in zip(records, strata):
         group_counts[p_index[r["patient_id"]], k_index[k]] += 1
-    assign = assign_groups(group_counts, fractions, cfg.seed, cfg.search_iters)
-    split_of = [names[assign[p_index[r["patient_id"]]]] for r in records]
+    split_of = search(records, strata, group_counts, p_index, names, fractions, cfg)
     splits = {s: [r for r, sp in zip(records, split_of) if sp == s] for s in names}
     val_mm = make_val_mismatch(splits["val"], splits.get("train", records), cfg.mismatch_fraction, cfg.seed)
     return Result(splits, val_mm, _report(records, splits, strata, split_of, names, merges, cfg, fine))

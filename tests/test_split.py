@@ -24,7 +24,7 @@ def _records(params, n=600, seed=0):
     return out
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
 def test_every_stratum_share_is_within_tolerance(params, seed):
     records = _records(params, seed=seed)
     result = split.run(records, dataclasses.replace(params.split, seed=seed), params.data)
