@@ -58,9 +58,12 @@ def render_example(enc, processor) -> list[dict]:
     return out
 
 
-def run(records: list[dict], processor, tokens_per_image: int, max_length: int) -> dict:
-    """Audit every record; the report lists offending ids with their problems and one rendered example."""
-    collator = Collator(processor, max_length=max_length)
+def run(records: list[dict], processor, tokens_per_image: int, max_length: int, collator: Collator | None = None) -> dict:
+    """Audit every record; the report lists offending ids with their problems and one rendered example.
+
+    Given the training `collator`, the encodings it makes are the ones training reuses.
+    """
+    collator = collator or Collator(processor, max_length=max_length)
     offending: dict[str, list[str]] = {}
     example = None
     for r in records:
@@ -74,7 +77,7 @@ def run(records: list[dict], processor, tokens_per_image: int, max_length: int) 
             offending[r["id"]] = problems
         elif example is None:
             example = {"id": r["id"], "tokens": render_example(enc, processor)}
-    lengths = [len(e.input_ids) for e in collator.cache.values()]
+    lengths = [len(collator.encoded(r).input_ids) for r in records if r["id"] not in offending]
     return {"samples": len(records), "passed": len(records) - len(offending), "offending": offending,
             "max_tokens": max(lengths, default=0), "tokens_per_image": tokens_per_image,
             "max_length": max_length, "example": example}

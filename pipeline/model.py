@@ -145,12 +145,13 @@ def apply_peft(model: nn.Module, cfg: Peft, adapter_name: str = "default"):
 
 
 class AlignmentHeads(nn.Module):
-    """Small trainable heads that map pooled image / caption features to the shared (D,) space."""
+    """Small trainable heads (linear projections, as CLIP's) that map pooled image / caption features
+    to the shared (D,) space."""
 
     def __init__(self, hidden: int, dim: int):
         super().__init__()
-        self.image = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, dim))
-        self.text = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.image = nn.Linear(hidden, dim)
+        self.text = nn.Linear(hidden, dim)
 
     def embed_image(self, soft_tokens: torch.Tensor) -> torch.Tensor:
         """(B, T_img, H) projected soft tokens -> (B, D) unit vectors."""

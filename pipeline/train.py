@@ -49,21 +49,47 @@ class TextAnchor:
     """Pooled caption features from the frozen base LM (adapters off), cached per caption.
 
     The text side of the alignment is a fixed target: the base model's own reading of the caption.
-    Computed once per distinct caption, it costs nothing after the first epoch.
+    `fill` reads every training caption once before the loop (in a fixed order, so a resumed run gets
+    the same bits); after that the text side costs one dictionary look-up per sample.
     """
 
     def __init__(self):
         self.cache: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
+    def fill(self, model, collator: Collator, records: list[dict], batch_size: int = 32) -> float:
+        """Read every distinct caption of `records` once, in a fixed order; returns the seconds spent."""
+        start = time.perf_counter()
+        todo = sorted({r["id"]: r for r in records if _caption(r) not in self.cache}.values(), key=_caption)
+        seen: dict[str, dict] = {}
+        for r in todo:
+            seen.setdefault(_caption(r), r)
+        todo = list(seen.values())
+        device = next(model.parameters()).device
+        for i in range(0, len(todo), batch_size):
+            self._read(model, to_device(collator(todo[i : i + batch_size]), device))
+        return time.perf_counter() - start
+
+    def _read(self, model, batch: dict) -> None:
+        with _adapters_off(model):
+            hidden = backbone(model).model.language_model(
+                input_ids=batch["caption_ids"], attention_mask=batch["caption_attention"]).last_hidden_state
+        m = batch["caption_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = ((hidden * m).sum(1) / m.sum(1).clamp(min=1)).float()  # (B, H)
+        for caption, vec in zip(batch["captions"], pooled):
+            self.cache.setdefault(caption, vec)
+
+    @torch.no_grad()
     def __call__(self, model, batch: dict) -> torch.Tensor:
-        for i, caption in enumerate(batch["captions"]):
-            if caption not in self.cache:  # one unpadded pass per caption: the same bits in any batch
-                n = int(batch["caption_attention"][i].sum())
-                with _adapters_off(model):
-                    hidden = backbone(model).model.language_model(input_ids=batch["caption_ids"][i : i + 1, :n]).last_hidden_state
-                self.cache[caption] = hidden[0, 1:].float().mean(0)  # (H,): caption tokens, not <bos>
+        if any(c not in self.cache for c in batch["captions"]):
+            self._read(model, batch)
         return torch.stack([self.cache[c] for c in batch["captions"]])  # (B, H)
+
+
+def _caption(record: dict) -> str:
+    from pipeline import chat
+
+    return chat.answer(record["messages"]).strip()
 
 
 def _adapters_off(model):
@@ -307,10 +333,10 @@ def write_steps_csv(path: Path, history: list[dict]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ main
-def preflight(records: list[dict], processor, params: config.Params, model) -> dict:
+def preflight(records: list[dict], processor, params: config.Params, model, collator: Collator | None = None) -> dict:
     """Audit every sample before any training; fails listing the offending ids."""
     tokens = backbone(model).config.mm_tokens_per_image
-    report = audit.run(records, processor, tokens, params.train.max_length)
+    report = audit.run(records, processor, tokens, params.train.max_length, collator)
     if report["offending"]:
         ids = sorted(report["offending"])
         raise CheckFailed(f"pre-flight audit: {len(ids)} sample(s) fail: {ids[:20]} "
@@ -324,7 +350,9 @@ def run(params: config.Params, train: list[dict], val: list[dict], tracker=None)
     if not train:
         raise InputError("train: no training samples")
     state = setup(params, train, val)
-    report = preflight(train + val, state.processor, params, state.model)
+    report = preflight(train + val, state.processor, params, state.model, state.collator)
+    if not t.loss.text_grad and (t.loss.w_con or t.loss.w_mse):
+        report["anchor_seconds"] = round(state.anchor.fill(state.model, state.collator, train + val), 2)
     models = Path(params.paths.models)
     ckpt, fp = models / "checkpoints" / "last.pt", fingerprint(params, train)
     resumed = load_checkpoint(state, ckpt, fp)

@@ -100,7 +100,7 @@ def test_non_finite_loss_stops_with_step_and_term(params, tmp_path, base_dir, re
     p = _params(params, tmp_path, base_dir)
     state = train.setup(p, records[:8], [])
     with torch.no_grad():
-        state.heads.image[0].weight.fill_(float("nan"))  # the image embedding goes bad, the LM does not
+        state.heads.image.weight.fill_(float("nan"))  # the image embedding goes bad, the LM does not
     with pytest.raises(CheckFailed, match=r"step 1: loss/contrastive = nan"):
         train.train_step(state, [records[:4]], p.train)
 
