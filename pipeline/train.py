@@ -60,11 +60,11 @@ class TextAnchor:
     def fill(self, model, collator: Collator, records: list[dict], batch_size: int = 32) -> float:
         """Read every distinct caption of `records` once, in a fixed order; returns the seconds spent."""
         start = time.perf_counter()
-        todo = sorted({r["id"]: r for r in records if _caption(r) not in self.cache}.values(), key=_caption)
-        seen: dict[str, dict] = {}
-        for r in todo:
-            seen.setdefault(_caption(r), r)
-        todo = list(seen.values())
+        by_caption: dict[str, dict] = {}
+        for r in records:
+            if _caption(r) not in self.cache:
+                by_caption.setdefault(_caption(r), r)
+        todo = [by_caption[c] for c in sorted(by_caption)]
         device = next(model.parameters()).device
         for i in range(0, len(todo), batch_size):
             self._read(model, to_device(collator(todo[i : i + batch_size]), device))
