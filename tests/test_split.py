@@ -104,3 +104,16 @@ def test_samples_without_patient_are_their_own_group(params):
         r["patient_id"] = r["id"]
     result = split.run(records, params.split, params.data)
     assert result.report["all_within_tolerance"] and result.report["patient_overlap"] == 0
+
+
+def test_main_writes_the_same_bytes_for_the_same_seed(params, tmp_path):
+    from pipeline import data as dataio
+
+    (tmp_path / "cur").mkdir()
+    dataio.write_jsonl(tmp_path / "cur" / "samples.jsonl", _records(params, n=200))
+    outs = []
+    for name in ("a", "b"):
+        paths = dataclasses.replace(params.paths, curated=str(tmp_path / "cur"), split=str(tmp_path / name))
+        split.main(dataclasses.replace(params, paths=paths))
+        outs.append({f.name: f.read_bytes() for f in sorted((tmp_path / name).iterdir())})
+    assert outs[0] == outs[1] and set(outs[0]) == {"train.jsonl", "val.jsonl", "test.jsonl", "val_mismatch.jsonl", "report.json"}
