@@ -104,10 +104,8 @@ def run_recipe(path: str, steps: int, warmup: int, device, dtype, image_size: in
                                              modules_to_save=["lm_head", "embed_tokens"], task_type="CAUSAL_LM"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     model.train()
-    times = []
-    for s in range(warmup + steps):
-        _sync()
-        t0 = time.perf_counter()
+
+    def step(s: int) -> None:
         for micro in range(4):  # micro-batch 1 x accumulation 4
             b = batch(1, device, dtype, image_size, seed=s * 4 + micro, recipe=True)
             out = model(**{k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids", "labels", "pixel_values")})
@@ -115,10 +113,8 @@ def run_recipe(path: str, steps: int, warmup: int, device, dtype, image_size: in
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 0.3)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        _sync()
-        if s >= warmup:
-            times.append(time.perf_counter() - t0)
-    return {"samples_per_s": 4 * len(times) / sum(times), "step_s": sum(times) / len(times)}
+
+    return timed(step, steps, warmup)
 
 
 def run_ours(path: str, steps: int, warmup: int, device, dtype, image_size: int) -> dict:
@@ -138,10 +134,8 @@ def run_ours(path: str, steps: int, warmup: int, device, dtype, image_size: int)
     opt = torch.optim.AdamW(param_groups(model, heads, loss_fn, Lr()))
     anchor = TextAnchor()
     model.train()
-    times = []
-    for s in range(warmup + steps):
-        _sync()
-        t0 = time.perf_counter()
+
+    def step(s: int) -> None:
         b = batch(4, device, dtype, image_size, seed=s, recipe=False)  # micro-batch 4
         with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
             terms = forward_terms(model, heads, loss_fn, b, text_grad=False, anchor=anchor)
@@ -149,6 +143,17 @@ def run_ours(path: str, steps: int, warmup: int, device, dtype, image_size: int)
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    return timed(step, steps, warmup)
+
+
+def timed(step, steps: int, warmup: int) -> dict:
+    """Run `step(i)` warmup + steps times; samples/s over the timed steps (4 samples a step)."""
+    times = []
+    for s in range(warmup + steps):
+        _sync()
+        t0 = time.perf_counter()
+        step(s)
         _sync()
         if s >= warmup:
             times.append(time.perf_counter() - t0)
