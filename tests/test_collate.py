@@ -1,12 +1,11 @@
 """Collator and pre-flight audit: loss on the answer only, image tokens checked, nothing truncated."""
-import dataclasses
 
 import pytest
 import torch
 from transformers import AutoProcessor
 
 from pipeline import audit, chat
-from pipeline.collate import IGNORE, Collator, encode
+from pipeline.collate import IGNORE, Collator
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from pipeline import curate, data as dataio, mismatch
+from pipeline import curate, mismatch
 
 TINY = dict(folds=3, epochs=2, batch_size=16, image_size=32, embed_dim=32)
 

@@ -1,12 +1,10 @@
 """The built-in Gemma 3: a normal checkpoint folder, Google's chat template byte for byte, real tokens."""
 import jinja2
 import pytest
-import torch
 from transformers import AutoProcessor, Gemma3ForConditionalGeneration
 
 from pipeline import chat, model as modelmod
 
-from conftest import ROOT
 
 
 def google_template():

@@ -3,7 +3,6 @@ import dataclasses
 import hashlib
 from collections import Counter
 
-import numpy as np
 import pytest
 
 from pipeline import chat, split, synth
