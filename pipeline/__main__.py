@@ -36,6 +36,13 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("split", parents=[common], help="patient-grouped, stratified train/val/test split")
     sub.add_parser("base", parents=[common], help="build and pre-train the built-in tiny Gemma 3")
     sub.add_parser("train", parents=[common], help="PEFT fine-tune with the three-part alignment loss")
+    sub.add_parser("evaluate", parents=[common], help="F1, image reliance, mismatch robustness, bias, gates")
+    pr = sub.add_parser("promote", parents=[common], help="register the adapter; move 'champion' if it earns it")
+    pr.add_argument("--rollback", action="store_true", help="give 'champion' back to the 'previous' version")
+    mo = sub.add_parser("monitor", parents=[common], help="drift check of an incoming batch (exit 1: retrain)")
+    mo.add_argument("--batch", required=True, help="batch folder, e.g. data/incoming/2026-11-27")
+    ig = sub.add_parser("ingest", parents=[common], help="add a labelled batch to the training data")
+    ig.add_argument("--batch", required=True, help="batch folder, e.g. data/incoming/2026-11-27")
     return p
 
 
@@ -61,12 +68,23 @@ def run(argv: list[str] | None = None) -> int:
         else:
             params = config.load(args.params, args.overrides)
             module = __import__(f"pipeline.{args.command}", fromlist=["main"])
-            summary = module.main(params)
+            if args.command == "promote":
+                summary = module.main(params, args.rollback)
+            elif args.command == "monitor":
+                summary = module.main(params, args.batch)
+            elif args.command == "ingest":
+                summary = module.main(params, args.batch, args.params)
+            else:
+                summary = module.main(params)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except CheckFailed as e:
-        print(f"check failed: {e}", file=sys.stderr)
+        if type(e).__name__ == "DriftFound":
+            print(str(e))  # the summary, on stdout like any other
+            print("drift: thresholds crossed, retraining called for", file=sys.stderr)
+        else:
+            print(f"check failed: {e}", file=sys.stderr)
         return e.exit_code
     print(json.dumps(summary, indent=2, sort_keys=True))
     return 0

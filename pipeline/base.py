@@ -4,7 +4,9 @@ No pretrained weights can be downloaded here, so the built-in model first learns
 grounding on procedurally drawn shapes ("a large red circle and a small black square on a light
 background"): colour and shape words tied to pixels, which transfer to lesion colours and borders.
 It never sees the benchmark's images. The tokenizer is trained on those captions, on lesion-style
-captions drawn from other seeds, and on the prompts. A Hugging Face id in `model.base` skips this stage.
+captions drawn from other seeds, and on the prompts; the language model also reads those lesion-style
+captions text-only (in the chat format, with no image), as a foundation model has read dermatology text
+before it is fine-tuned on images. A Hugging Face id in `model.base` skips this stage.
 """
 from __future__ import annotations
 
@@ -63,16 +65,46 @@ def generic_samples(n: int, seed: int, size: int, system_prompt: str) -> list[di
     return out
 
 
+def lesion_captions(params: config.Params) -> list[str]:
+    """Lesion-style captions drawn with another seed than the benchmark's (text only: no image is drawn)."""
+    cfg = dataclasses.replace(params.synth, n=params.base.corpus_captions, seed=10_000 + params.base.seed)
+    return [synth.caption_of(l) for l in synth.plan_lesions(cfg, params.data.labels)]
+
+
 def corpus(params: config.Params, samples: list[dict]) -> list[str]:
     """Text for the tokenizer: generic captions, lesion-style captions from other seeds, the prompts."""
-    cfg = dataclasses.replace(params.synth, n=params.base.corpus_captions, seed=10_000 + params.base.seed)
-    lesion = [synth.caption_of(l) for l in synth.plan_lesions(cfg, params.data.labels)]
+    lesion = lesion_captions(params)
     prompts = [params.data.prompt, params.data.system_prompt, PROMPT] + list(synth.VAGUE_CAPTIONS)
     return [chat.answer(s["messages"]) for s in samples] + lesion + prompts * 20
 
 
-def pretrain(model, processor, samples: list[dict], cfg: config.Base) -> list[float]:
-    """Full-parameter causal-LM training on the answers; returns the per-step loss."""
+def text_only(processor, captions: list[str], prompt: str, system_prompt: str) -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels) of chat samples with no image: the answer is the caption, the rest is -100."""
+    out = []
+    for caption in captions:
+        msgs = [m if m["role"] != "user" else {**m, "content": [c for c in m["content"] if c["type"] != "image"]}
+                for m in chat.messages(caption, prompt, system_prompt)]
+        full = processor.apply_chat_template(msgs, tokenize=False)
+        prefix = processor.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+        tok = processor.tokenizer
+        ids = tok(full, add_special_tokens=False)["input_ids"]
+        n = len(tok(prefix, add_special_tokens=False)["input_ids"])
+        out.append((ids, [-100] * n + ids[n:]))
+    return out
+
+
+def text_batch(rows: list[tuple[list[int], list[int]]], pad: int, device) -> dict:
+    width = max(len(r[0]) for r in rows)
+    ids = torch.tensor([r[0] + [pad] * (width - len(r[0])) for r in rows], device=device)
+    labels = torch.tensor([r[1] + [-100] * (width - len(r[1])) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r[0]) + [0] * (width - len(r[0])) for r in rows], device=device)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def pretrain(model, processor, samples: list[dict], cfg: config.Base,
+             text: list[tuple[list[int], list[int]]] = (), text_history: list[float] | None = None) -> list[float]:
+    """Full-parameter causal-LM training on the answers (image-caption batches, plus text-only batches
+    of `text` when given); returns the per-step loss of the image-caption batches."""
     collator = Collator(processor, max_length=512)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(max(1, cfg.steps // 10), cfg.steps))
@@ -85,12 +117,20 @@ def pretrain(model, processor, samples: list[dict], cfg: config.Base) -> list[fl
         out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                           token_type_ids=batch["token_type_ids"], pixel_values=batch["pixel_values"])
         loss = answer_ce(model, out.last_hidden_state, batch["labels"])
+        history.append(loss.item())
+        if text and cfg.text_batch_size:
+            rows = [text[i] for i in torch.randint(0, len(text), (cfg.text_batch_size,), generator=gen).tolist()]
+            tb = text_batch(rows, processor.tokenizer.pad_token_id, batch["input_ids"].device)
+            hidden = model.model.language_model(input_ids=tb["input_ids"], attention_mask=tb["attention_mask"])
+            text_loss = answer_ce(model, hidden.last_hidden_state, tb["labels"])
+            if text_history is not None:
+                text_history.append(text_loss.item())
+            loss = loss + text_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        history.append(loss.item())
     return history
 
 
@@ -102,12 +142,16 @@ def main(params: config.Params) -> dict:
     samples = generic_samples(params.base.images, params.base.seed, params.model.image_size, params.data.system_prompt)
     model, processor = modelmod.build_builtin(params.model, corpus(params, samples), params.base.seed)
     start = time.perf_counter()
-    history = pretrain(model, processor, samples, params.base)
+    text = text_only(processor, lesion_captions(params), params.data.prompt, params.data.system_prompt)
+    text_history: list[float] = []
+    history = pretrain(model, processor, samples, params.base, text, text_history)
     with dataio.atomic_dir(Path(params.paths.models) / "base") as out:
         model.save_pretrained(out)
         processor.save_pretrained(out)
         summary = {"parameters": sum(p.numel() for p in model.parameters()), "vocab": len(processor.tokenizer),
                    "steps": len(history), "loss_first": history[0], "loss_last": float(np.mean(history[-10:])),
+                   "text_loss_first": text_history[0] if text_history else None,
+                   "text_loss_last": float(np.mean(text_history[-10:])) if text_history else None,
                    "seconds": round(time.perf_counter() - start, 1)}
         dataio.write_json(out / "pretrain.json", summary)
     return summary

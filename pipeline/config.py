@@ -25,6 +25,7 @@ class Paths:
     models: str = "models"
     reports: str = "reports"
     incoming: str = "data/incoming"
+    eval: str = "data/eval"
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Synth:
     site: str = "hospital_a"  # several: "hospital_a,hospital_b" (patients alternate between them)
     camera: str = "dermatoscope"  # dermatoscope | phone | lamp; one, or one per site
     spurious_darkness: float = 0.0
+    tds_margin: float = 0.0  # benign and melanoma lesions keep this far from the suspicious band's edges
     faults: Faults = Faults()
 
 
@@ -108,6 +110,7 @@ class Split:
     mismatch_fraction: float = 0.5
     search_iters: int = 10000
     restarts: int = 10
+    pinned_test: tuple[str, ...] = ()  # jsonl files of earlier test sets: their patients stay in test
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,7 @@ class Base:
     batch_size: int = 16
     lr: float = 2e-3
     corpus_captions: int = 2000
+    text_batch_size: int = 16     # lesion-style captions read text-only each step (0: none)
 
 
 @dataclass(frozen=True)
@@ -198,6 +202,69 @@ class MlflowCfg:
 
 
 @dataclass(frozen=True)
+class Bias:
+    min_group_size: int = 10      # smaller groups are reported as insufficient (and fail the gate)
+    bootstrap: int = 1000         # seeded resamples for the gap's confidence interval
+    confidence: float = 0.95
+    insufficient: Literal["fail", "warn"] = "fail"
+
+
+@dataclass(frozen=True)
+class Gates:
+    min_f1_macro: float = 0.8
+    max_ignore_rate: float = 0.2
+    max_bias_gap: float = 0.3     # judged on the upper confidence bound of the largest F1 gap
+    min_mismatch_auroc: float = 0.7
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    seed: int = 0
+    batch_size: int = 32
+    max_new_tokens: int = 160
+    permutations: int = 5          # image swaps (each sample gets an image of another label)
+    blank_value: int = 128         # grey level of the blank image
+    sets: dict[str, str] = field(default_factory=dict)  # extra evaluation sets: name -> jsonl
+    attributes: tuple[str, ...] = ()  # visual terms checked by the "clinically acceptable" rate
+    bias: Bias = Bias()
+    gates: Gates = Gates()
+
+
+@dataclass(frozen=True)
+class Promote:
+    primary_metric: str = "f1_macro"
+    min_improvement: float = 0.0   # the challenger must beat the champion by more than this
+    improve_on: tuple[str, ...] = ("test",)   # sets on which the primary metric must improve
+    max_drop: float = 0.02         # on every other set, the most the primary metric may fall
+
+
+@dataclass(frozen=True)
+class DriftTest:
+    method: str = "model"
+    threshold: float = 0.55
+
+
+@dataclass(frozen=True)
+class Monitor:
+    seed: int = 0
+    max_rows: int = 1000           # each side is subsampled (seeded) above this
+    pca_components: int = 20       # embeddings are reduced with PCA (fit on the reference) above this
+    embedding: DriftTest = DriftTest("model", 0.55)   # Evidently EmbeddingsDrift: model | mmd | ratio | distance
+    alignment: DriftTest = DriftTest("ks", 0.01)  # Evidently ValueDrift stattest on the alignment score
+    min_captions: int = 20         # fewer captioned rows: no alignment-score test
+    max_unreadable: float = 0.5    # above this share of rows failing the image checks: "unreadable", not drift
+    min_rows: int = 20             # fewer readable images: "too small", no verdict
+    adapter: Literal["champion", "local"] = "champion"  # whose alignment score: the registry's champion or models/adapter
+
+
+@dataclass(frozen=True)
+class Ingest:
+    seed: int = 0
+    holdout: float = 0.3           # share of the batch's patients kept out of training, to evaluate on
+    method: Literal["lora", "qlora", "dora", "adapter"] = "qlora"  # the re-fine-tune's PEFT method
+
+
+@dataclass(frozen=True)
 class Params:
     paths: Paths = Paths()
     data: Data = Data()
@@ -208,6 +275,10 @@ class Params:
     base: Base = Base()
     train: Train = Train()
     mlflow: MlflowCfg = MlflowCfg()
+    evaluate: Evaluate = Evaluate()
+    promote: Promote = Promote()
+    monitor: Monitor = Monitor()
+    ingest: Ingest = Ingest()
 
 
 def _is_dataclass_type(tp: Any) -> bool:

@@ -260,10 +260,23 @@ def _report(rows, accepted, quarantined, mism) -> dict:
             "reasons": dict(sorted(reasons.items())), "mismatch": mism}
 
 
+def read_rows(root: Path) -> list[dict[str, str]]:
+    """The raw dataset's manifest rows, then those of every batch added later under `batches/<name>/`
+    (by `ingest`; each keeps its own manifest, image paths made relative to `root`)."""
+    rows = dataio.read_manifest(dataio.find_manifest(root))
+    batches = root / "batches"
+    if batches.is_dir():
+        for folder in sorted(p for p in batches.iterdir() if p.is_dir()):
+            for r in dataio.read_manifest(dataio.find_manifest(folder)):
+                image = r.get("image", "").strip()
+                rows.append({**r, "image": f"batches/{folder.name}/{image}" if image else image})
+    return rows
+
+
 def main(params: Params) -> dict:
     """Read `paths.raw`, write `paths.curated` atomically."""
     root = Path(params.paths.raw)
-    rows = dataio.read_manifest(dataio.find_manifest(root))
+    rows = read_rows(root)
     result = run(rows, root, params.curate, params.data, image_prefix=params.paths.raw)
     with dataio.atomic_dir(Path(params.paths.curated)) as out:
         dataio.write_jsonl(out / "samples.jsonl", result.accepted)

@@ -38,33 +38,34 @@ def _cell(value) -> str:
     return str(value)
 
 
-def read_manifest(path: Path) -> list[dict[str, str]]:
-    """All rows as string dicts, in file order; a manifest unusable as a whole is an InputError."""
+def read_manifest(path: Path, required: tuple[str, ...] = REQUIRED_COLUMNS) -> list[dict[str, str]]:
+    """All rows as string dicts, in file order; a manifest unusable as a whole is an InputError.
+    (Incoming batches may lack captions: `monitor` requires only id and image.)"""
     try:
         if path.suffix == ".csv":
-            return _read_csv(path)
+            return _read_csv(path, required)
         if path.suffix == ".jsonl":
             df = pd.read_json(path, lines=True, dtype=False)
         else:
             df = pd.read_parquet(path)
     except (OSError, ValueError, csv.Error, ImportError) as e:
         raise InputError(f"{path}: cannot read the manifest ({type(e).__name__}: {e})") from None
-    _require_columns(path, [str(c) for c in df.columns])
+    _require_columns(path, [str(c) for c in df.columns], required)
     return [{str(k): _cell(v) for k, v in row.items()} for row in df.to_dict(orient="records")]
 
 
-def _require_columns(path: Path, columns: list[str]) -> None:
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+def _require_columns(path: Path, columns: list[str], required: tuple[str, ...] = REQUIRED_COLUMNS) -> None:
+    missing = [c for c in required if c not in columns]
     if missing:
         raise InputError(f"{path}: missing required column(s) {missing}; found {columns}")
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
+def _read_csv(path: Path, required: tuple[str, ...] = REQUIRED_COLUMNS) -> list[dict[str, str]]:
     """CSV rows as text; bytes that are not UTF-8 survive as surrogates (curate flags them), and a
     row with more cells than the header keeps them under EXTRA (curate flags it)."""
     with open(path, encoding="utf-8", errors="surrogateescape", newline="") as fh:
         reader = csv.DictReader(fh, restkey=EXTRA, restval="")
-        _require_columns(path, list(reader.fieldnames or []))
+        _require_columns(path, list(reader.fieldnames or []), required)
         rows = []
         for row in reader:
             if EXTRA in row:

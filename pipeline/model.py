@@ -7,6 +7,8 @@ model + processor folder, so every later stage loads it exactly as it would a ch
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -84,6 +86,13 @@ def build_builtin(cfg: ModelCfg, corpus: list[str], seed: int):
 def source_of(cfg: ModelCfg, models_dir: str) -> str:
     """Where `model.base` is loaded from: the built-in's folder, or a hub id / local path as given."""
     return str(Path(models_dir) / "base") if cfg.base == BUILTIN else cfg.base
+
+
+def config_sha256(cfg) -> str:
+    d = cfg.to_dict()
+    for k in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "quantization_config"):
+        d.pop(k, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def load(source: str, quantize: bool = False, keep_vision_16bit: bool = True, dtype=torch.float32):

@@ -144,8 +144,9 @@ def search(records, strata, group_counts, p_index, names, fractions, cfg: Split)
     return best
 
 
-def run(records: list[dict], cfg: Split, data: Data) -> Result:
-    """Split curated records; pure function of (records, cfg)."""
+def run(records: list[dict], cfg: Split, data: Data, pinned: frozenset[str] = frozenset()) -> Result:
+    """Split curated records; pure function of (records, cfg, pinned). Patients in `pinned` (those of
+    an earlier test set) are put in test after the search, so that an old test set stays unseen."""
     if not records:
         raise InputError("split: no curated samples to split")
     names = list(cfg.fractions)
@@ -164,6 +165,10 @@ def run(records: list[dict], cfg: Split, data: Data) -> Result:
     for r, k in zip(records, strata):
         group_counts[p_index[r["patient_id"]], k_index[k]] += 1
     split_of = search(records, strata, group_counts, p_index, names, fractions, cfg)
+    if pinned:
+        if "test" not in names:
+            raise InputError("split.pinned_test needs a 'test' split")
+        split_of = ["test" if r["patient_id"] in pinned else s for r, s in zip(records, split_of)]
     splits = {s: [r for r, sp in zip(records, split_of) if sp == s] for s in names}
     val_mm = make_val_mismatch(splits["val"], splits.get("train", records), cfg.mismatch_fraction, cfg.seed)
     return Result(splits, val_mm, _report(records, splits, strata, split_of, names, merges, cfg, fine))
@@ -189,12 +194,18 @@ def _report(records, splits, strata, split_of, names, merges, cfg, fine) -> dict
     }
 
 
+
 def main(params: Params) -> dict:
     """Read `paths.curated/samples.jsonl`, write `paths.split` atomically."""
     src = Path(params.paths.curated) / "samples.jsonl"
     if not src.is_file():
         raise InputError(f"split: {src} not found (run curate first)")
-    result = run(dataio.read_jsonl(src), params.split, params.data)
+    pinned = set()
+    for f in params.split.pinned_test:
+        if not Path(f).is_file():
+            raise InputError(f"split.pinned_test: {f} not found")
+        pinned |= {r["patient_id"] for r in dataio.read_jsonl(Path(f))}
+    result = run(dataio.read_jsonl(src), params.split, params.data, frozenset(pinned))
     with dataio.atomic_dir(Path(params.paths.split)) as out:
         for name, recs in result.splits.items():
             dataio.write_jsonl(out / f"{name}.jsonl", recs)

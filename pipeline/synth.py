@@ -85,12 +85,15 @@ def label_of(tds: float) -> str:
     return "suspicious" if tds <= 5.45 else "melanoma"
 
 
-def sample_attributes(rng: np.random.Generator, label: str) -> tuple[int, int, tuple[str, ...], tuple[str, ...]]:
-    """Draw ABCD attributes whose TDS falls in `label`'s range (rejection sampling)."""
+def sample_attributes(rng: np.random.Generator, label: str,
+                      margin: float = 0.0) -> tuple[int, int, tuple[str, ...], tuple[str, ...]]:
+    """Draw ABCD attributes whose TDS falls in `label`'s range (rejection sampling); with `margin`,
+    benign and melanoma scores keep that far from the suspicious band [4.75, 5.45]."""
     for _ in range(10_000):
         a, b = int(rng.integers(0, 3)), int(rng.integers(0, 9))
         c, d = int(rng.integers(1, 7)), int(rng.integers(1, 6))
-        if label_of(total_dermoscopy_score(a, b, c, d)) == label:
+        tds = total_dermoscopy_score(a, b, c, d)
+        if label_of(tds) == label and (label == "suspicious" or not 4.75 - margin <= tds <= 5.45 + margin):
             colours = tuple(sorted(rng.choice(list(COLOURS), c, replace=False), key=list(COLOURS).index))
             structures = tuple(sorted(rng.choice(STRUCTURES, d, replace=False), key=STRUCTURES.index))
             return a, b, colours, structures
@@ -331,7 +334,7 @@ def plan_lesions(cfg: Synth, labels: tuple[str, ...]) -> list[Lesion]:
         fitz = FITZPATRICK[int(rng.choice(6, p=skin_p))]
         for _ in range(min(int(rng.integers(lo, hi + 1)), cfg.n - len(lesions))):
             label = labels[int(rng.choice(len(labels), p=class_p))]
-            a, b, colours, structures = sample_attributes(rng, label)
+            a, b, colours, structures = sample_attributes(rng, label, cfg.tds_margin)
             dark = label == "benign" and rng.random() < cfg.spurious_darkness
             lesion = Lesion(
                 id=f"{site}-{len(lesions):06d}", patient_id=f"{site}-p{patient:05d}",

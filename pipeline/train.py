@@ -321,6 +321,8 @@ def save_adapter(state: State, out: Path, params: config.Params) -> None:
         "base": params.model.base, "base_source": modelmod.source_of(params.model, params.paths.models),
         "labels": list(params.data.labels), "method": params.train.peft.method,
         "adapter_name": params.train.peft.adapter_name, "embed_dim": params.train.loss.embed_dim,
+        "text_grad": params.train.loss.text_grad,
+        "base_config_sha256": modelmod.config_sha256(backbone(state.model).config),
     })
 
 
@@ -385,7 +387,8 @@ def run(params: config.Params, train: list[dict], val: list[dict], tracker=None)
     metrics = {"steps": state.step, "seconds": round(time.perf_counter() - start, 2),
                "final": {k: v for k, v in state.history[-1].items() if k.startswith("loss/")} if state.history else {},
                "first": {k: v for k, v in state.history[0].items() if k.startswith("loss/")} if state.history else {},
-               "val": evaluate(state, val, t.batch_size) if val else {}, "preflight_passed": report["passed"]}
+               "val": evaluate(state, val, t.batch_size) if val else {}, "preflight_passed": report["passed"],
+               "mlflow_run_id": tracker.run_id if tracker else None}
     with dataio.atomic_dir(models / "adapter") as out:
         save_adapter(state, out, params)
     dataio.write_json(models / "train_metrics.json", metrics)

@@ -77,3 +77,33 @@ def base_dir(tmp_path_factory, params) -> Path:
     root = tmp_path_factory.mktemp("base")
     base.main(tiny(params, root))
     return root / "models" / "base"
+
+
+def small_eval(p: config.Params, **gates) -> config.Params:
+    """Evaluation settings for a fast test: short answers, one swap, a small bootstrap, loose gates."""
+    e = p.evaluate
+    g = dataclasses.replace(e.gates, **{**dict(min_f1_macro=0.0, max_ignore_rate=1.0, max_bias_gap=1.0,
+                                               min_mismatch_auroc=0.0), **gates})
+    e = dataclasses.replace(e, max_new_tokens=6, permutations=1, batch_size=16,
+                            bias=dataclasses.replace(e.bias, bootstrap=20, min_group_size=1), gates=g)
+    return dataclasses.replace(p, evaluate=e)
+
+
+def trained_project(params: config.Params, root: Path, base_dir: Path, records: list[dict], seed: int = 0,
+                    **train_kw) -> config.Params:
+    """A project under `root` with a split made of `records`, the shared base, and a trained adapter."""
+    from pipeline import data as dataio, split, train
+
+    p = small_eval(tiny(params, root, seed=seed, **{"max_steps": 4, **train_kw}))
+    sp = Path(p.paths.split)
+    sp.mkdir(parents=True, exist_ok=True)
+    tr, va, te = records[:24], records[24:32], records[32:]
+    for name, rows in (("train", tr), ("val", va), ("test", te)):
+        dataio.write_jsonl(sp / f"{name}.jsonl", rows)
+    dataio.write_jsonl(sp / "val_mismatch.jsonl", split.make_val_mismatch(va, tr, 0.5, 0))
+    models = Path(p.paths.models)
+    models.mkdir(parents=True, exist_ok=True)
+    if not (models / "base").exists():
+        os.symlink(base_dir, models / "base")
+    train.run(p, tr, va)
+    return p

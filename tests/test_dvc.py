@@ -1,4 +1,4 @@
-"""DVC: `dvc repro` on a clean clone runs synth -> curate -> split, and a second repro does nothing."""
+"""DVC: `dvc repro` on a clean clone runs synth -> ... -> evaluate, and a second repro does nothing."""
 import json
 import os
 import shutil
@@ -47,6 +47,8 @@ def test_dvc_repro_from_a_clean_clone(clone):
     params["split"]["min_stratum"] = 4
     params["base"].update(steps=10, images=32, corpus_captions=200)
     params["train"].update(max_steps=3, batch_size=4, checkpoint_every=2)
+    params["evaluate"].update(max_new_tokens=4, permutations=1)
+    params["evaluate"]["bias"].update(bootstrap=20)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run([str(BIN / "dvc"), "repro"], repo, env)
     report = json.loads((repo / "data/curated/report.json").read_text())
@@ -56,6 +58,9 @@ def test_dvc_repro_from_a_clean_clone(clone):
     assert (repo / "models/adapter/adapter_model.safetensors").is_file()
     assert json.loads((repo / "models/train_metrics.json").read_text())["steps"] == 3
     assert (repo / "dvc.lock").is_file()
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    assert {"f1_macro", "image_reliance", "gates", "bias"} <= set(metrics)
+    assert (repo / "reports/eval/predictions.jsonl").is_file() and (repo / "reports/eval/confusion.png").is_file()
     out = _run([str(BIN / "dvc"), "status"], repo, env)
     assert "up to date" in out.lower()
     # changing a split param re-runs split only

@@ -1,0 +1,223 @@
+"""`promote`: the MLflow registry step (DESIGN §7).
+
+The trained adapter (whose metrics `evaluate` wrote) becomes a version of the registered model, tagged
+with the git commit, the DVC hashes of its data and model, and its MLflow runs. If any gate failed the
+command exits 1 listing the gates and moves no alias. Otherwise the version gets alias `challenger`;
+the current `champion` (if any) is evaluated on the same sets, and the challenger takes `champion` only
+if it beats it on the primary metric on `promote.improve_on` and falls by no more than
+`promote.max_drop` on every other set. The former champion keeps alias `previous`;
+`promote --rollback` gives `champion` back to it.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from pipeline import config, evaluate
+from pipeline.errors import CheckFailed, InputError
+
+HISTORY_TAG = "champion_history"  # registered-model tag: comma-separated champion versions, oldest first
+
+
+def client():
+    from mlflow import MlflowClient
+
+    from pipeline.tracking import tracking_uri
+
+    return MlflowClient(tracking_uri())
+
+
+def alias_version(c, name: str, alias: str):
+    """The version holding `alias`, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return c.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def ensure_model(c, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        c.get_registered_model(name)
+    except MlflowException:
+        c.create_registered_model(name, description="PEFT adapters of the drift-aware multimodal pipeline")
+
+
+def dvc_hashes(lock: Path = Path("dvc.lock")) -> dict[str, str]:
+    """`dvc.<path>` -> md5 of every stage output recorded in dvc.lock."""
+    import yaml
+
+    if not lock.is_file():
+        return {}
+    out = {}
+    for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
+        for o in stage.get("outs", []):
+            if "md5" in o:
+                out[f"dvc.{o['path']}"] = o["md5"]
+    return out
+
+
+def history(c, name: str) -> list[str]:
+    tags = c.get_registered_model(name).tags or {}
+    return [v for v in tags.get(HISTORY_TAG, "").split(",") if v]
+
+
+def set_history(c, name: str, versions: list[str]) -> None:
+    c.set_registered_model_tag(name, HISTORY_TAG, ",".join(versions))
+
+
+def register(c, name: str, adapter: Path, metrics: dict, params: config.Params):
+    """The version for this adapter (reused if the same adapter bytes were registered before)."""
+    import mlflow
+
+    sha = metrics["adapter_sha256"]
+    found = c.search_model_versions(f"name = '{name}' and tag.adapter_sha256 = '{sha}'")
+    if found:
+        return found[0]
+    run_id = metrics.get("train_run_id")
+    if not run_id or not _has_adapter(c, run_id):
+        mlflow.set_tracking_uri(c.tracking_uri)
+        mlflow.set_experiment(params.mlflow.experiment)
+        with mlflow.start_run(run_name="register") as run:
+            mlflow.log_artifacts(str(adapter), artifact_path="adapter")
+            run_id = run.info.run_id
+    source = f"{c.get_run(run_id).info.artifact_uri}/adapter"
+    tags = {"adapter_sha256": sha, "git_commit": str(evaluate.git_commit()), "train_run_id": str(run_id),
+            "eval_run_id": str(metrics.get("eval_run_id")), "base": params.model.base,
+            "f1_macro": f"{metrics['f1_macro']:.4f}", "gates_passed": str(metrics["passed"]), **dvc_hashes()}
+    return c.create_model_version(name, source=source, run_id=run_id, tags=tags)
+
+
+def _has_adapter(c, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return any(f.path.endswith("adapter") for f in c.list_artifacts(run_id))
+    except MlflowException:
+        return False
+
+
+def compare(challenger: dict, champion: dict, cfg: config.Promote) -> tuple[bool, list[str]]:
+    """Does the challenger beat the champion? (per-set primary metric; reasons either way)"""
+    key, reasons, better = cfg.primary_metric, [], True
+    for name, ch in challenger["sets"].items():
+        if name not in champion["sets"]:
+            continue
+        a, b = ch[key], champion["sets"][name][key]
+        if name in cfg.improve_on:
+            ok = a > b + cfg.min_improvement
+            reasons.append(f"{name}: {key} {a:.4f} vs champion {b:.4f} ({'improves' if ok else 'does not improve'})")
+        else:
+            ok = a >= b - cfg.max_drop
+            reasons.append(f"{name}: {key} {a:.4f} vs champion {b:.4f} "
+                           f"({'within' if ok else 'drops more than'} the {cfg.max_drop} tolerance)")
+        better &= ok
+    missing = [n for n in cfg.improve_on if n not in challenger["sets"]]
+    if missing:
+        raise InputError(f"promote.improve_on: no evaluation set named {missing} (sets: {sorted(challenger['sets'])})")
+    return better, reasons
+
+
+def evaluate_champion(c, version, params: config.Params) -> dict | None:
+    """The champion's metrics on today's evaluation sets (None if it cannot run on today's base)."""
+    sets, mismatch = evaluate.load_sets(params)
+    with tempfile.TemporaryDirectory() as tmp:
+        from mlflow.artifacts import download_artifacts
+
+        local = Path(download_artifacts(artifact_uri=version.source, dst_path=tmp, tracking_uri=c.tracking_uri))
+        try:
+            metrics, _ = evaluate.evaluate_adapter(local, sets, mismatch, params)
+        except InputError as e:
+            print(f"promote: champion v{version.version} cannot be evaluated here: {e}", file=sys.stderr)
+            return None
+    return metrics
+
+
+def promote(params: config.Params) -> dict:
+    name = params.mlflow.registered_model
+    adapter = Path(params.paths.models) / "adapter"
+    metrics_path = Path(params.paths.reports) / "metrics.json"
+    if not adapter.is_dir():
+        raise InputError(f"promote: no adapter at {adapter} (run train first)")
+    if not metrics_path.is_file():
+        raise InputError(f"promote: {metrics_path} not found (run evaluate first)")
+    metrics = json.loads(metrics_path.read_text())
+    if metrics.get("adapter_sha256") != evaluate.dir_sha256(adapter):
+        raise InputError(f"promote: {metrics_path} was written for another adapter than {adapter} (run evaluate again)")
+    if params.promote.primary_metric not in next(iter(metrics["sets"].values())):
+        raise InputError(f"promote.primary_metric: {params.promote.primary_metric!r} is not a per-set metric "
+                         f"({sorted(next(iter(metrics['sets'].values())))})")
+    c = client()
+    ensure_model(c, name)
+    version = register(c, name, adapter, metrics, params)
+    v = str(version.version)
+    failed = evaluate.failed_gates(metrics["gates"])
+    if failed:
+        c.set_model_version_tag(name, v, "decision", "rejected: gates failed")
+        raise CheckFailed(f"promote: version {v} not promoted; failing gates:\n  " + "\n  ".join(failed))
+    c.set_registered_model_alias(name, "challenger", v)
+    champion = alias_version(c, name, "champion")
+    if champion is not None and str(champion.version) == v:
+        return {"version": v, "decision": "already champion", "champion": v}
+    reasons: list[str] = []
+    if champion is None:
+        better, reasons = True, ["no champion yet: the first version that passes every gate becomes champion"]
+    else:
+        champ_metrics = evaluate_champion(c, champion, params)
+        if champ_metrics is None:
+            better, reasons = True, [f"champion v{champion.version} does not run on model.base "
+                                     f"{params.model.base!r}; the challenger replaces it"]
+        else:
+            better, reasons = compare(metrics, champ_metrics, params.promote)
+    if not better:
+        c.set_model_version_tag(name, v, "decision", "kept champion: " + "; ".join(reasons))
+        return {"version": v, "decision": "not promoted", "champion": str(champion.version), "reasons": reasons}
+    past = history(c, name)
+    if champion is not None:
+        c.set_registered_model_alias(name, "previous", str(champion.version))
+        if not past or past[-1] != str(champion.version):
+            past.append(str(champion.version))
+    c.set_registered_model_alias(name, "champion", v)
+    set_history(c, name, past + [v])
+    c.set_model_version_tag(name, v, "decision", "promoted: " + "; ".join(reasons))
+    return {"version": v, "decision": "promoted", "champion": v,
+            "previous": str(champion.version) if champion else None, "reasons": reasons}
+
+
+def rollback(params: config.Params) -> dict:
+    """Give `champion` back to the version before it (alias `previous`); `previous` moves one further back."""
+    name = params.mlflow.registered_model
+    c = client()
+    from mlflow.exceptions import MlflowException
+
+    try:
+        c.get_registered_model(name)
+    except MlflowException:
+        raise InputError(f"promote --rollback: no registered model {name!r}") from None
+    champion, previous = alias_version(c, name, "champion"), alias_version(c, name, "previous")
+    if previous is None:
+        raise InputError(f"promote --rollback: {name} has no version with alias 'previous' to roll back to")
+    past = history(c, name)
+    if champion is not None and past and past[-1] == str(champion.version):
+        past.pop()
+    if past and past[-1] == str(previous.version):
+        past.pop()
+    c.set_registered_model_alias(name, "champion", str(previous.version))
+    if past:
+        c.set_registered_model_alias(name, "previous", past[-1])
+    else:
+        c.delete_registered_model_alias(name, "previous")
+    set_history(c, name, past + [str(previous.version)])
+    if champion is not None:
+        c.set_model_version_tag(name, str(champion.version), "decision", f"rolled back to v{previous.version}")
+    return {"decision": "rolled back", "champion": str(previous.version),
+            "demoted": str(champion.version) if champion else None, "previous": past[-1] if past else None}
+
+
+def main(params: config.Params, rollback_: bool = False) -> dict:
+    return rollback(params) if rollback_ else promote(params)

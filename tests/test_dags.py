@@ -1,0 +1,49 @@
+"""DAG files: they load in a DagBag with no import errors, are wired as DESIGN §8 says, and importing
+them pulls in none of the heavy libraries (the scheduler parses them often)."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+HEAVY = ("torch", "transformers", "peft", "open_clip", "evidently", "mlflow", "sklearn")
+
+
+def _python(code: str, tmp_path) -> dict:
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path / "airflow"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+           "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags")}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_every_dag_file_loads_in_a_dagbag_and_is_wired_as_designed(tmp_path):
+    out = _python(f"""
+import json
+from airflow.dag_processing.dagbag import DagBag
+bag = DagBag(dag_folder={str(ROOT / "dags")!r})
+m, f = bag.dags["monitor"], bag.dags["finetune"]
+print(json.dumps({{"errors": {{k: str(v) for k, v in bag.import_errors.items()}}, "ids": sorted(bag.dag_ids),
+  "m_schedule": str(m.schedule), "m_catchup": m.catchup, "m_runs": m.max_active_runs,
+  "f_runs": f.max_active_runs, "f_schedule": str(f.schedule),
+  "m_tasks": sorted(m.task_ids), "f_tasks": sorted(f.task_ids),
+  "pools": {{t.task_id: t.pool for t in f.tasks}}, "queues": {{t.task_id: t.queue for t in f.tasks}},
+  "trigger": m.get_task("trigger_finetune").partial_kwargs.get("trigger_dag_id")}}))
+""", tmp_path)
+    assert out["errors"] == {} and out["ids"] == ["finetune", "monitor"]
+    assert out["m_schedule"] == "@daily" and out["m_catchup"] is False and out["m_runs"] == 1
+    assert out["f_runs"] == 1 and out["f_schedule"] in ("None", "")
+    assert {"find_batches", "check", "decide", "drifted", "no_drift", "trigger_finetune"} <= set(out["m_tasks"])
+    assert out["f_tasks"] == ["ingest", "promote", "repro"]
+    assert out["pools"]["ingest"] == out["pools"]["repro"] == "dvc"  # DVC work never runs at once
+    assert out["queues"]["repro"] == "training" and out["trigger"] == "finetune"
+
+
+def test_importing_the_dag_files_imports_no_heavy_library(tmp_path):
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path / "airflow")}
+    code = (f"import json, sys; sys.path.insert(0, {str(ROOT / 'dags')!r}); import monitor, finetune; "
+            f"print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == []

@@ -1,0 +1,69 @@
+"""ingest: a labelled batch becomes a new raw batch (nothing existing touched), a held-out evaluation
+set and a frozen old test set, params.yaml is edited with its comments kept, and a second ingest of the
+same batch is refused; split keeps pinned patients in test."""
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import config, curate, data as dataio, ingest, split
+from pipeline.errors import InputError
+
+from conftest import ALL_FAULTS, ROOT, make_dataset
+
+
+def test_ingest_adds_a_batch_without_touching_the_raw_data(params, tmp_path, records, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copy2(ROOT / "params.yaml", tmp_path / "params.yaml")
+    clean = {k: 0.0 for k in ALL_FAULTS}
+    make_dataset(tmp_path / "data" / "raw", params, n=12, image_size=64, seed=21, faults=clean)
+    before = {p: p.read_bytes() for p in (tmp_path / "data" / "raw").rglob("*") if p.is_file()}
+    sp = tmp_path / "data" / "split"
+    sp.mkdir(parents=True)
+    dataio.write_jsonl(sp / "test.jsonl", records[32:])
+    batch = make_dataset(tmp_path / "data" / "incoming" / "b1", params, n=30, image_size=64, seed=22,
+                         site="hospital_b", camera="phone", faults=clean)
+    p = config.load("params.yaml")
+    out = ingest.main(p, str(batch), "params.yaml")
+    assert out["train_rows"] + out["held_out_rows"] == 30 and out["held_out_rows"] > 0
+    after = {p: p.read_bytes() for p in (tmp_path / "data" / "raw").rglob("*") if p.is_file()}
+    assert all(after[k] == v for k, v in before.items())  # raw data immutable: only new files added
+    new = dataio.read_manifest(tmp_path / "data" / "raw" / "batches" / "b1" / "manifest.csv")
+    held = dataio.read_jsonl(tmp_path / "data" / "eval" / "b1" / "samples.jsonl")
+    assert {r["patient_id"] for r in new}.isdisjoint({r["patient_id"] for r in held})
+    assert (tmp_path / "data" / "eval" / "b1" / "old_test.jsonl").read_bytes() == (sp / "test.jsonl").read_bytes()
+    rows = curate.read_rows(tmp_path / "data" / "raw")
+    assert len(rows) == 12 + len(new) and rows[-1]["image"].startswith("batches/b1/images/")
+    text = (tmp_path / "params.yaml").read_text()
+    assert "# Every hyperparameter, path and threshold" in text  # comments kept
+    q = config.load("params.yaml")
+    assert q.train.peft.method == "qlora" and q.promote.improve_on == ("b1",)
+    assert q.evaluate.sets == {"b1": "data/eval/b1/samples.jsonl", "b1_old_test": "data/eval/b1/old_test.jsonl"}
+    assert q.split.pinned_test == ("data/eval/b1/old_test.jsonl",)
+    with pytest.raises(InputError, match="already ingested"):
+        ingest.main(q, str(batch), "params.yaml")
+    assert yaml.safe_load((tmp_path / "params.yaml").read_text())["split"]["pinned_test"] == ["data/eval/b1/old_test.jsonl"]
+
+
+def test_an_unlabelled_batch_is_refused(params, tmp_path):
+    batch = tmp_path / "b"
+    (batch / "images").mkdir(parents=True)
+    (batch / "manifest.csv").write_text("id,image,caption\na,images/a.png,\n")
+    (tmp_path / "split").mkdir()
+    (tmp_path / "split" / "test.jsonl").write_text("")
+    p = dataclasses.replace(params, paths=dataclasses.replace(params.paths, raw=str(tmp_path / "raw"),
+                                                              eval=str(tmp_path / "eval"), split=str(tmp_path / "split")))
+    with pytest.raises(InputError, match="not labelled"):
+        ingest.main(p, str(batch), str(tmp_path / "params.yaml"))
+
+
+def test_pinned_patients_stay_in_test(params, records):
+    free = split.run(records, params.split, params.data)
+    in_train = {r["patient_id"] for r in free.splits["train"]}
+    pinned = frozenset(sorted(in_train)[:3])
+    res = split.run(records, params.split, params.data, pinned)
+    outside = [r["id"] for s, v in res.splits.items() if s != "test" for r in v if r["patient_id"] in pinned]
+    assert outside == [] and pinned <= {r["patient_id"] for r in res.splits["test"]}
+    assert res.report["patient_overlap"] == 0

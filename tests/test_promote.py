@@ -1,0 +1,99 @@
+"""promote: a failing gate moves no alias; the first passing model becomes champion; a better one takes
+over and the former champion keeps `previous`; rollback restores it — on a real MLflow SQLite registry."""
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+from mlflow import MlflowClient
+
+from pipeline import evaluate, promote
+from pipeline.errors import CheckFailed, InputError
+
+from conftest import ROOT, small_eval, trained_project
+
+
+@pytest.fixture
+def registry(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return MlflowClient(uri)
+
+
+def _aliases(c, name):
+    out = {}
+    for alias in ("champion", "challenger", "previous"):
+        v = promote.alias_version(c, name, alias)
+        out[alias] = None if v is None else str(v.version)
+    return out
+
+
+def _with(p, **promote_kw):
+    return dataclasses.replace(p, promote=dataclasses.replace(p.promote, **promote_kw))
+
+
+@pytest.mark.slow
+def test_gates_decide_promotion_and_rollback_restores(params, tmp_path, base_dir, records, registry, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    name = params.mlflow.registered_model
+    p1 = trained_project(params, tmp_path / "a", base_dir, records, seed=0)
+    # a failing gate: exit 1 listing it, no alias anywhere
+    strict = small_eval(p1, min_f1_macro=1.01)
+    evaluate.main(strict)
+    with pytest.raises(CheckFailed, match="min_f1_macro"):
+        promote.main(strict)
+    assert _aliases(registry, name) == {"champion": None, "challenger": None, "previous": None}
+    # the same adapter with gates that pass: the first champion
+    evaluate.main(p1)
+    first = promote.main(p1)
+    assert first["decision"] == "promoted" and "no champion yet" in first["reasons"][0]
+    v1 = first["version"]
+    assert _aliases(registry, name) == {"champion": v1, "challenger": v1, "previous": None}
+    tags = registry.get_model_version(name, v1).tags
+    assert tags["adapter_sha256"] == evaluate.dir_sha256(tmp_path / "a" / "models" / "adapter")
+    assert tags["git_commit"] and tags["train_run_id"] != "None" and tags["eval_run_id"] != "None"
+    # a second adapter that must beat the champion by more than 1.0: kept out, champion unchanged
+    p2 = trained_project(params, tmp_path / "b", base_dir, records, seed=1)
+    evaluate.main(p2)
+    kept = promote.main(_with(p2, min_improvement=1.0))
+    assert kept["decision"] == "not promoted" and "does not improve" in kept["reasons"][0]
+    v2 = kept["version"]
+    assert _aliases(registry, name) == {"champion": v1, "challenger": v2, "previous": None}
+    # judged better (no improvement required): it takes over, v1 becomes previous
+    taken = promote.main(_with(p2, min_improvement=-1.0))
+    assert taken["version"] == v2 and taken["decision"] == "promoted"
+    assert _aliases(registry, name) == {"champion": v2, "challenger": v2, "previous": v1}
+    # rollback through the command line restores v1; a second rollback has nowhere to go
+    env = {**__import__("os").environ}
+    r = subprocess.run([sys.executable, "-m", "pipeline", "promote", "--rollback",
+                        "--params", str(ROOT / "params.yaml")], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["champion"] == v1
+    assert _aliases(registry, name)["champion"] == v1 and _aliases(registry, name)["previous"] is None
+    r = subprocess.run([sys.executable, "-m", "pipeline", "promote", "--rollback",
+                        "--params", str(ROOT / "params.yaml")], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "previous" in r.stderr
+
+
+def test_stale_metrics_and_missing_inputs_are_refused(params, tmp_path, base_dir, records, registry):
+    p = trained_project(params, tmp_path, base_dir, records)
+    with pytest.raises(InputError, match="run evaluate first"):
+        promote.main(p)
+    evaluate.main(p)
+    (tmp_path / "models" / "adapter" / "pipeline_meta.json").write_text(
+        (tmp_path / "models" / "adapter" / "pipeline_meta.json").read_text() + "\n")
+    with pytest.raises(InputError, match="another adapter"):
+        promote.main(p)
+
+
+def test_an_adapter_for_another_base_is_refused(params, tmp_path, base_dir, records, registry):
+    p = trained_project(params, tmp_path, base_dir, records)
+    meta = tmp_path / "models" / "adapter" / "pipeline_meta.json"
+    m = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**m, "base_config_sha256": "0" * 64}))
+    with pytest.raises(InputError, match="base model config differs"):
+        evaluate.main(p)
+    meta.write_text(json.dumps({**m, "base": "google/gemma-3-4b-it"}))
+    with pytest.raises(InputError, match="was trained on base 'google/gemma-3-4b-it'"):
+        evaluate.main(p)
