@@ -249,7 +249,7 @@ class Monitor:
     seed: int = 0
     max_rows: int = 1000           # each side is subsampled (seeded) above this
     pca_components: int = 20       # embeddings are reduced with PCA (fit on the reference) above this
-    embedding: DriftTest = DriftTest("model", 0.55)   # Evidently EmbeddingsDrift: model | mmd | ratio | distance
+    embedding: DriftTest = DriftTest("model", 0.62)   # Evidently EmbeddingsDrift: model | mmd | ratio | distance
     alignment: DriftTest = DriftTest("ks", 0.01)  # Evidently ValueDrift stattest on the alignment score
     min_captions: int = 20         # fewer captioned rows: no alignment-score test
     max_unreadable: float = 0.5    # above this share of rows failing the image checks: "unreadable", not drift

@@ -38,6 +38,7 @@ def contrastive(
     if groups is None:
         pos = torch.eye(b, dtype=logits.dtype, device=logits.device)
     else:
+        groups = groups.to(logits.device)
         pos = (groups[:, None] == groups[None, :]).to(logits.dtype)
     targets = pos / pos.sum(1, keepdim=True)
     i2t_logits, i2t_targets = logits, targets
