@@ -8,6 +8,7 @@ Environment:
   PIPELINE_PROJECT  the project folder (default: the folder above dags/)
   PIPELINE_PYTHON   the interpreter with the pipeline installed (default: the one running Airflow)
   MLFLOW_TRACKING_URI  made absolute (sqlite under the project) if unset, since tasks run elsewhere
+  PIPELINE_TASK_RETRIES  retries per task (default 2; the training task gets one more)
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from pathlib import Path
 PROJECT = Path(os.environ.get("PIPELINE_PROJECT", Path(__file__).resolve().parents[1]))
 PYTHON = os.environ.get("PIPELINE_PYTHON", sys.executable)
 DVC_POOL = "dvc"  # one slot: DVC tasks never run at once (its repository lock is not a queue)
-DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True}
+RETRIES = int(os.environ.get("PIPELINE_TASK_RETRIES", "2"))
+DEFAULT_ARGS = {"retries": RETRIES, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True}
 
 
 def env() -> dict:

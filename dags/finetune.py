@@ -22,7 +22,7 @@ import pendulum
 from airflow.sdk import Param, dag, task
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common.py sits beside this file
-from _common import DEFAULT_ARGS, DVC_POOL, dvc, last_json, pipeline  # noqa: E402
+from _common import DEFAULT_ARGS, DVC_POOL, RETRIES, dvc, last_json, pipeline  # noqa: E402
 
 TRAIN_QUEUE = os.environ.get("PIPELINE_TRAIN_QUEUE", "training")
 
@@ -40,7 +40,7 @@ def finetune():
             raise AirflowFailException("finetune: conf needs {'batch': 'data/incoming/<batch>'}")
         return last_json(pipeline("ingest", "--batch", batch).stdout)
 
-    @task(pool=DVC_POOL, queue=TRAIN_QUEUE, retries=3)
+    @task(pool=DVC_POOL, queue=TRAIN_QUEUE, retries=RETRIES + 1)
     def repro(ingested: dict) -> str:
         # a killed worker's retry resumes training from models/checkpoints/last.pt
         return dvc("repro").stdout[-2000:]

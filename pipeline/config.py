@@ -26,6 +26,7 @@ class Paths:
     reports: str = "reports"
     incoming: str = "data/incoming"
     eval: str = "data/eval"
+    batches: str = "data/batches"
 
 
 @dataclass(frozen=True)

@@ -224,12 +224,19 @@ def sample_record(row: Row, image_ref: str, data: Data) -> dict:
 def quarantine_record(row: Row) -> dict:
     """The row as read (undecodable bytes shown as \\xNN escapes), its manifest row number, its
     reasons and whatever scores were computed before it was rejected."""
-    as_read = {k: v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for k, v in row.raw.items()}
+    as_read = {k: v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for k, v in row.raw.items()
+               if k != ROOT_KEY}
+    if ROOT_KEY in row.raw:
+        as_read["dataset"] = row.raw[ROOT_KEY]
     return {**as_read, "row": row.index, "reasons": row.reasons, "quality": row.quality}
 
 
+ROOT_KEY = "__dataset__"  # a row read from another dataset folder (an ingested batch) carries it
+
+
 def run(raw_rows: list[dict[str, str]], root: Path, cfg: Curate, data: Data, image_prefix: str = "") -> Result:
-    """Curate manifest rows of the dataset at `root`; `image_prefix` is joined to accepted image paths."""
+    """Curate manifest rows of the dataset at `root`; `image_prefix` is joined to accepted image paths.
+    A row with `ROOT_KEY` belongs to that folder instead (its images are resolved and referenced there)."""
     has_label = bool(raw_rows) and "label" in raw_rows[0]
     rows = [Row(index=i, raw=r) for i, r in enumerate(raw_rows)]
     seen: set[str] = set()
@@ -241,10 +248,11 @@ def run(raw_rows: list[dict[str, str]], root: Path, cfg: Curate, data: Data, ima
         seen.add(rid)
         check_label(row, data.labels)
         check_caption(row, cfg, data)
-        check_image(row, root, cfg)
+        check_image(row, Path(row.raw[ROOT_KEY]) if ROOT_KEY in row.raw else root, cfg)
     mark_duplicates(rows, cfg.near_duplicate_bits)
     mism = mark_mismatches(rows, cfg)
-    accepted = [sample_record(r, os.path.join(image_prefix, r.raw["image"].strip()), data) for r in rows if not r.reasons]
+    accepted = [sample_record(r, os.path.join(r.raw.get(ROOT_KEY, image_prefix), r.raw["image"].strip()), data)
+                for r in rows if not r.reasons]
     quarantined = [quarantine_record(r) for r in rows if r.reasons]
     return Result(accepted, quarantined, _report(rows, accepted, quarantined, mism))
 
@@ -260,23 +268,20 @@ def _report(rows, accepted, quarantined, mism) -> dict:
             "reasons": dict(sorted(reasons.items())), "mismatch": mism}
 
 
-def read_rows(root: Path) -> list[dict[str, str]]:
-    """The raw dataset's manifest rows, then those of every batch added later under `batches/<name>/`
-    (by `ingest`; each keeps its own manifest, image paths made relative to `root`)."""
+def read_rows(root: Path, batches: Path | None = None) -> list[dict[str, str]]:
+    """The raw dataset's manifest rows, then those of every batch folder under `batches` (added by
+    `ingest`, each with its own manifest and images; its rows carry their folder in ROOT_KEY)."""
     rows = dataio.read_manifest(dataio.find_manifest(root))
-    batches = root / "batches"
-    if batches.is_dir():
+    if batches is not None and batches.is_dir():
         for folder in sorted(p for p in batches.iterdir() if p.is_dir()):
-            for r in dataio.read_manifest(dataio.find_manifest(folder)):
-                image = r.get("image", "").strip()
-                rows.append({**r, "image": f"batches/{folder.name}/{image}" if image else image})
+            rows += [{**r, ROOT_KEY: str(folder)} for r in dataio.read_manifest(dataio.find_manifest(folder))]
     return rows
 
 
 def main(params: Params) -> dict:
     """Read `paths.raw`, write `paths.curated` atomically."""
     root = Path(params.paths.raw)
-    rows = read_rows(root)
+    rows = read_rows(root, Path(params.paths.batches))
     result = run(rows, root, params.curate, params.data, image_prefix=params.paths.raw)
     with dataio.atomic_dir(Path(params.paths.curated)) as out:
         dataio.write_jsonl(out / "samples.jsonl", result.accepted)

@@ -2,9 +2,9 @@
 
 `python -m pipeline ingest --batch data/incoming/<batch>`:
 - the batch's patients are split (seeded) into a training part and a held-out part (`ingest.holdout`);
-- the training part is copied, as a new raw batch, to `<paths.raw>/batches/<batch>/` (its own manifest
-  and images; nothing already in `paths.raw` is touched, and `curate` reads every batch folder), so that
-  DVC records a new version of the raw data;
+- the training part is copied, as a new batch, to `<paths.batches>/<batch>/` (its own manifest and
+  images; nothing in `paths.raw` or in earlier batches is touched; `curate` reads `paths.raw` and every
+  batch folder, which is one of its DVC dependencies), so that DVC records a new version of the data;
 - the held-out part is curated (row and image checks) into `<paths.eval>/<batch>/samples.jsonl`;
 - the current test split is frozen as `<paths.eval>/<batch>/old_test.jsonl`, and its patients are pinned
   to the test split from now on (`split.pinned_test`), so the old test set stays unseen;
@@ -86,7 +86,7 @@ def main(params: config.Params, batch: str, params_file: str = "params.yaml") ->
     if not src.is_dir():
         raise InputError(f"ingest: batch folder {src} not found")
     name = src.name
-    raw_dst = Path(params.paths.raw) / "batches" / name
+    raw_dst = Path(params.paths.batches) / name
     eval_dst = Path(params.paths.eval) / name
     if raw_dst.exists() or eval_dst.exists():
         raise InputError(f"ingest: batch {name!r} was already ingested ({raw_dst} or {eval_dst} exists)")

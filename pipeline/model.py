@@ -107,6 +107,12 @@ def load(source: str, quantize: bool = False, keep_vision_16bit: bool = True, dt
         model = Gemma3ForConditionalGeneration.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
         raise InputError(f"model.base: cannot load {source!r}: {e}") from None
+    if quantize:
+        for m in model.modules():
+            # bitsandbytes' CPU inference path repacks 4-bit weights and needs every output width to be a
+            # multiple of 32 (the built-in model's 16-wide key/value projections are not): keep the plain path
+            if hasattr(m, "support_avx512bf16_for_cpu"):
+                m.support_avx512bf16_for_cpu = False
     return model, processor
 
 

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -107,3 +110,41 @@ def trained_project(params: config.Params, root: Path, base_dir: Path, records: 
         os.symlink(base_dir, models / "base")
     train.run(p, tr, va)
     return p
+
+
+BIN = Path(sys.executable).parent
+
+
+def run_ok(cmd, cwd, env, timeout=900) -> str:
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{cmd}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    return r.stdout
+
+
+def make_clone(tmp_path: Path) -> tuple[Path, dict]:
+    """A clean git clone of the working tree (tracked and untracked-not-ignored files as they are now)."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    dst = tmp_path / "repo"
+    for f in files:
+        if (ROOT / f).is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dst / f)
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    run_ok(["git", "init", "-q"], dst, env)
+    run_ok(["git", "add", "-A"], dst, env)
+    run_ok(["git", "commit", "-qm", "init"], dst, env)
+    return dst, env
+
+
+def tiny_project_params(params: dict) -> dict:
+    """params.yaml (as a dict) shrunk so that the whole pipeline runs in a minute or two."""
+    params["synth"].update(n=60, image_size=64)
+    params["curate"]["mismatch"].update(epochs=2, folds=3, image_size=32)
+    params["split"]["min_stratum"] = 4
+    params["base"].update(steps=10, images=32, corpus_captions=200)
+    params["train"].update(max_steps=3, batch_size=4, checkpoint_every=2)
+    params["evaluate"].update(max_new_tokens=4, permutations=1)
+    params["evaluate"]["bias"].update(bootstrap=20)
+    return params

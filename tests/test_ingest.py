@@ -30,12 +30,16 @@ def test_ingest_adds_a_batch_without_touching_the_raw_data(params, tmp_path, rec
     assert out["train_rows"] + out["held_out_rows"] == 30 and out["held_out_rows"] > 0
     after = {p: p.read_bytes() for p in (tmp_path / "data" / "raw").rglob("*") if p.is_file()}
     assert all(after[k] == v for k, v in before.items())  # raw data immutable: only new files added
-    new = dataio.read_manifest(tmp_path / "data" / "raw" / "batches" / "b1" / "manifest.csv")
+    new = dataio.read_manifest(tmp_path / "data" / "batches" / "b1" / "manifest.csv")
     held = dataio.read_jsonl(tmp_path / "data" / "eval" / "b1" / "samples.jsonl")
     assert {r["patient_id"] for r in new}.isdisjoint({r["patient_id"] for r in held})
     assert (tmp_path / "data" / "eval" / "b1" / "old_test.jsonl").read_bytes() == (sp / "test.jsonl").read_bytes()
-    rows = curate.read_rows(tmp_path / "data" / "raw")
-    assert len(rows) == 12 + len(new) and rows[-1]["image"].startswith("batches/b1/images/")
+    rows = curate.read_rows(tmp_path / "data" / "raw", tmp_path / "data" / "batches")
+    assert len(rows) == 12 + len(new) and rows[-1][curate.ROOT_KEY] == str(tmp_path / "data" / "batches" / "b1")
+    res = curate.run(rows, tmp_path / "data" / "raw", dataclasses.replace(p.curate, mismatch=dataclasses.replace(
+        p.curate.mismatch, enabled=False)), p.data, image_prefix="data/raw")
+    from_batch = [r for r in res.accepted if r["site"] == "hospital_b"]
+    assert len(from_batch) == len(new) and all(Path(r["image"]).is_file() for r in res.accepted)
     text = (tmp_path / "params.yaml").read_text()
     assert "# Every hyperparameter, path and threshold" in text  # comments kept
     q = config.load("params.yaml")
