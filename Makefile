@@ -26,9 +26,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 demo: setup
-	PATH="$(CURDIR)/$(BIN):$$PATH" MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlflow.db $(BIN)/dvc repro
-	@$(BIN)/python -c "import json; c=json.load(open('data/curated/report.json')); s=json.load(open('data/split/report.json')); t=json.load(open('models/train_metrics.json')); print('curated:', c['accepted'], 'accepted,', c['quarantined'], 'quarantined', c['reasons']); print('split:', s['sizes'], 'patient overlap', s['patient_overlap'], 'within tolerance', s['all_within_tolerance']); print('train:', t['steps'], 'steps; first', t['first'], '; last', t['final'])"
-	@echo "MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
+	bash scripts/demo.sh $(BIN)
 
 bench: setup
 	$(BIN)/python bench/curate_throughput.py
@@ -36,4 +34,4 @@ bench: setup
 	$(BIN)/python bench/train_step.py
 
 clean:
-	rm -rf data models reports mlruns mlartifacts mlflow.db
+	rm -rf data/raw data/curated data/split data/incoming data/eval models reports mlruns mlartifacts mlflow.db demo

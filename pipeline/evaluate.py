@@ -403,8 +403,10 @@ def blank_image(params: config.Params):
     return Image.new("RGB", (s, s), (v, v, v))
 
 
-def evaluate_set(ev, records: list[dict], params: config.Params, name: str) -> tuple[dict, list[dict]]:
-    """Every metric of one evaluation set, and its per-sample predictions."""
+def evaluate_set(ev, records: list[dict], params: config.Params, name: str,
+                 full: bool = True) -> tuple[dict, list[dict]]:
+    """The metrics of one evaluation set, and its per-sample predictions. `full=False` (the extra sets):
+    accuracy and F1 only; image reliance, geometry and bias are computed on the test split."""
     labels, e = ev.labels, params.evaluate
     check_records(records, labels, name)
     answers = ev.generate(records)
@@ -416,17 +418,19 @@ def evaluate_set(ev, records: list[dict], params: config.Params, name: str) -> t
     m["unparseable"] = {"count": sum(p is None for p in pred),
                         "ids": [r["id"] for r, p in zip(records, pred) if p is None][:50]}
     m["clinically_acceptable"] = clinically_acceptable(refs, answers, y, pred, e.attributes)
+    group_key = params.data.subgroups[0] if params.data.subgroups else None
+    groups = [str((r.get("subgroups") or {}).get(group_key, "unknown")) for r in records]
+    rows = [{"id": r["id"], "label": yy, "prediction": p, "answer": a, "subgroup": g, "correct": p == yy}
+            for r, yy, p, a, g in zip(records, y, pred, answers, groups)]
+    if not full:
+        return m, rows
     m["image_reliance"] = image_reliance(ev.predict, records, labels, e.permutations, e.seed, blank_image(params),
                                          base_pred=pred)
     v, t, _ = ev.embed(records)
     m["retrieval"] = retrieval(v, t, refs)
     m.update(geometry(v, t))
-    group_key = params.data.subgroups[0] if params.data.subgroups else None
-    groups = [str((r.get("subgroups") or {}).get(group_key, "unknown")) for r in records]
     m["bias"] = bias(y, pred, groups, params.data.positive_label, e.bias, e.seed) if group_key else {}
     m["bias"]["subgroup"] = group_key
-    rows = [{"id": r["id"], "label": yy, "prediction": p, "answer": a, "subgroup": g, "correct": p == yy}
-            for r, yy, p, a, g in zip(records, y, pred, answers, groups)]
     return m, rows
 
 
@@ -445,7 +449,7 @@ def evaluate_adapter(adapter: Path, sets: dict[str, list[dict]], mismatch: list[
     ev = Evaluator.load(adapter, params)
     per_set, predictions = {}, {}
     for name, records in sets.items():
-        per_set[name], predictions[name] = evaluate_set(ev, records, params, name)
+        per_set[name], predictions[name] = evaluate_set(ev, records, params, name, full=name == "test")
     metrics = dict(per_set["test"]) if "test" in per_set else {}
     if mismatch:
         metrics.update(mismatch_robustness(ev, mismatch))
@@ -454,7 +458,7 @@ def evaluate_adapter(adapter: Path, sets: dict[str, list[dict]], mismatch: list[
     metrics["gates"] = gates(metrics, params.evaluate.gates, params.evaluate.bias)
     metrics["passed"] = all(g["passed"] for g in metrics["gates"].values())
     metrics["sets"] = {k: {kk: per_set[k][kk] for kk in ("n", "f1_macro", "accuracy", "f1_per_class")}
-                       | {"ignore_rate": per_set[k]["image_reliance"]["ignore_rate"]} for k in per_set}
+                       for k in per_set}
     return metrics, predictions
 
 
