@@ -39,7 +39,7 @@ def env() -> dict:
 def run(args: list[str], ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:
     """Run a command in the project; exit 2 (unusable input) fails the task for good, anything else
     outside `ok` raises so that Airflow retries it."""
-    from airflow.exceptions import AirflowFailException
+    from airflow.sdk.exceptions import AirflowFailException
 
     r = subprocess.run(args, cwd=PROJECT, env=env(), capture_output=True, text=True)
     print(r.stdout[-20000:])

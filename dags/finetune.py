@@ -35,7 +35,7 @@ def finetune():
     def ingest(params=None) -> dict:
         batch = (params or {}).get("batch")
         if not batch:
-            from airflow.exceptions import AirflowFailException
+            from airflow.sdk.exceptions import AirflowFailException
 
             raise AirflowFailException("finetune: conf needs {'batch': 'data/incoming/<batch>'}")
         return last_json(pipeline("ingest", "--batch", batch).stdout)
