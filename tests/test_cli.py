@@ -54,3 +54,16 @@ def test_split_without_curated_data_exits_2(tmp_path):
     r = cli("split", "--set", f"paths.curated={tmp_path / 'nothing'}", "--set", f"paths.split={tmp_path / 's'}")
     assert r.returncode == 2 and "run curate first" in r.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_later_stage_commands_exit_2_on_unusable_input(tmp_path):
+    env_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    r = cli("evaluate", "--set", f"paths.models={tmp_path / 'm'}", "--set", f"paths.reports={tmp_path / 'r'}")
+    assert r.returncode == 2 and "no adapter" in r.stderr and not (tmp_path / "r").exists()
+    r = cli("monitor", "--batch", str(tmp_path / "gone"), "--set", f"paths.reports={tmp_path / 'r'}")
+    assert r.returncode == 2 and "not found" in r.stderr and not (tmp_path / "r").exists()
+    r = cli("ingest", "--batch", str(tmp_path / "gone"), "--params", str(ROOT / "params.yaml"))
+    assert r.returncode == 2 and "not found" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "pipeline", "promote", "--rollback"], cwd=ROOT, capture_output=True,
+                       text=True, env={**__import__("os").environ, "MLFLOW_TRACKING_URI": env_uri})
+    assert r.returncode == 2 and "no registered model" in r.stderr
