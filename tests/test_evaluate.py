@@ -1,9 +1,7 @@
 """evaluate: metrics equal scikit-learn's and fairlearn's, image reliance tells a model that reads the
 image from one that does not, geometry and gates behave, and the stage runs end to end."""
-import dataclasses
 import functools
 import json
-import os
 
 import numpy as np
 import pytest
