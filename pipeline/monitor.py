@@ -119,8 +119,11 @@ def reference_embeddings(encoder: FixedEncoder, records: list[dict], cache_dir: 
 
 
 # -------------------------------------------------------------------------------------- the tests
-def subsample(x: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    return x if len(x) <= n else x[np.sort(rng.choice(len(x), n, replace=False))]
+def sample_rows(n_ref: int, n_cur: int, cfg: config.Monitor) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices of each side: all of them, or a seeded sample of `cfg.max_rows` (sorted)."""
+    rng = np.random.default_rng(cfg.seed)
+    pick = lambda n: np.arange(n) if n <= cfg.max_rows else np.sort(rng.choice(n, cfg.max_rows, replace=False))  # noqa: E731
+    return pick(n_ref), pick(n_cur)
 
 
 def reduce(ref: np.ndarray, cur: np.ndarray, components: int) -> tuple[np.ndarray, np.ndarray]:
@@ -155,8 +158,8 @@ def _frame(emb: np.ndarray, score: np.ndarray | None):
 
 def embedding_drift_score(ref: np.ndarray, cur: np.ndarray, cfg: config.Monitor) -> tuple[float, bool]:
     """The decision EmbeddingsDrift makes, without its report (t-SNE picture): (score, drifted)."""
-    rng = np.random.default_rng(cfg.seed)
-    r, c = reduce(subsample(ref, cfg.max_rows, rng), subsample(cur, cfg.max_rows, rng), cfg.pca_components)
+    ri, ci = sample_rows(len(ref), len(cur), cfg)
+    r, c = reduce(ref[ri], cur[ci], cfg.pca_components)
     score, drifted, _ = drift_method(cfg.embedding)(_frame(c, None), _frame(r, None))
     return float(score), bool(drifted)
 
@@ -172,9 +175,7 @@ def evidently_report(ref: np.ndarray, cur: np.ndarray, ref_score: np.ndarray | N
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import EmbeddingsDrift, ValueDrift
 
-    rng = np.random.default_rng(cfg.seed)
-    ri = np.sort(rng.choice(len(ref), min(len(ref), cfg.max_rows), replace=False))
-    ci = np.sort(rng.choice(len(cur), min(len(cur), cfg.max_rows), replace=False))
+    ri, ci = sample_rows(len(ref), len(cur), cfg)
     r, c = reduce(ref[ri], cur[ci], cfg.pca_components)
     with_scores = ref_score is not None and cur_score is not None
     cols = [f"e{i}" for i in range(r.shape[1])]
@@ -222,12 +223,16 @@ def alignment_adapter(params: config.Params) -> tuple[Path | None, str]:
     return None, "no adapter (run train)"
 
 
-def alignment_scores(adapter: Path, records: list[dict], params: config.Params) -> np.ndarray:
+def alignment_scores(adapter: Path, groups: list[list[dict]], params: config.Params) -> list[np.ndarray]:
+    """The matched-pair cosine of every record, per group of records (the adapter is loaded once)."""
     from pipeline.evaluate import Evaluator
 
     ev = Evaluator.load(adapter, params)
-    v, t, _ = ev.embed(records)
-    return (v * t).sum(1)
+    out = []
+    for records in groups:
+        v, t, _ = ev.embed(records)
+        out.append((v * t).sum(1))
+    return out
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -266,13 +271,13 @@ def check(batch: Path, params: config.Params) -> dict:
         loss_note = f"no held-out reference ({split / 'val.jsonl'}): embedding drift only"
     else:
         # the model has fit the training captions: its held-out (val) scores are the fair reference
+        held_score, batch_score = alignment_scores(adapter, [held_out, [readable[i] for i in captioned]], params)
         ref_score = np.full(len(reference), np.nan)
-        if held_out:
-            ref_score[len(reference) - len(held_out):] = alignment_scores(adapter, held_out, params)
+        ref_score[len(reference) - len(held_out):] = held_score
         cur_score = np.full(len(readable), np.nan)
-        cur_score[captioned] = alignment_scores(adapter, [readable[i] for i in captioned], params)
+        cur_score[captioned] = batch_score
     snapshot, emb_value, loss_value = evidently_report(ref, cur, ref_score, cur_score, m)
-    emb_drifted = value_drifted("", emb_value, m.embedding.threshold)
+    emb_drifted = value_drifted(m.embedding.method, emb_value, m.embedding.threshold)
     result["embedding_drift"] = {"method": m.embedding.method, "score": emb_value, "threshold": m.embedding.threshold,
                                  "drifted": emb_drifted, "encoder": "frozen base vision tower",
                                  "reference_rows": len(ref), "current_rows": len(cur)}
