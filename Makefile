@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/python scripts/compose_schema.py $(VENV)/share/compose-spec.json
 	touch $(STAMP)
 
 test: setup

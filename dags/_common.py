@@ -9,6 +9,8 @@ Environment:
   PIPELINE_PYTHON   the interpreter with the pipeline installed (default: the one running Airflow)
   MLFLOW_TRACKING_URI  made absolute (sqlite under the project) if unset, since tasks run elsewhere
   PIPELINE_TASK_RETRIES  retries per task (default 2; the training task gets one more)
+  PIPELINE_RETRY_DELAY   seconds before the first retry (default 30; doubled each time)
+  PIPELINE_MONITOR_SCHEDULE  the monitor DAG's schedule (default @daily; "none": triggered only)
 """
 from __future__ import annotations
 
@@ -23,7 +25,10 @@ PROJECT = Path(os.environ.get("PIPELINE_PROJECT", Path(__file__).resolve().paren
 PYTHON = os.environ.get("PIPELINE_PYTHON", sys.executable)
 DVC_POOL = "dvc"  # one slot: DVC tasks never run at once (its repository lock is not a queue)
 RETRIES = int(os.environ.get("PIPELINE_TASK_RETRIES", "2"))
-DEFAULT_ARGS = {"retries": RETRIES, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True}
+RETRY_DELAY = timedelta(seconds=float(os.environ.get("PIPELINE_RETRY_DELAY", "30")))
+DEFAULT_ARGS = {"retries": RETRIES, "retry_delay": RETRY_DELAY, "retry_exponential_backoff": True}
+MONITOR_SCHEDULE = None if os.environ.get("PIPELINE_MONITOR_SCHEDULE", "@daily").lower() == "none" \
+    else os.environ.get("PIPELINE_MONITOR_SCHEDULE", "@daily")
 
 
 def env() -> dict:

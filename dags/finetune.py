@@ -2,10 +2,12 @@
 
 conf: {"batch": "data/incoming/<batch>"}. Wiring only: each task runs `python -m pipeline` or `dvc`.
 
-ingest -> repro -> evaluate -> promote
+ingest -> repro -> publish -> promote
 - ingest: the batch's training part becomes a new raw batch, its held-out part and the old test set
   become evaluation sets, params.yaml switches `train.peft.method` to QLoRA (pipeline/ingest.py);
 - repro: `dvc --wait-for-lock repro` (curate -> split -> train -> evaluate re-run as the changes require);
+- publish: commits dvc.lock, params.yaml and the batch's .dvc files (git) and `dvc push`es the data and
+  the model to the DVC remote (`publish.remote`), so that a fresh clone can `dvc pull` this version;
 - promote: registers the adapter; `champion` moves only if every gate passes, the new batch's F1
   improves and the old test set's F1 falls by no more than `promote.max_drop` (catastrophic forgetting).
   Exit 1 (gates failed) ends the run with the decision recorded, not as an error.
@@ -45,14 +47,18 @@ def finetune():
         # a killed worker's retry resumes training from models/checkpoints/last.pt
         return dvc("repro").stdout[-2000:]
 
+    @task(pool=DVC_POOL)
+    def publish(_: str) -> dict:
+        return last_json(pipeline("publish", "--message", "finetune: re-fine-tuned on a drifted batch").stdout)
+
     @task
-    def promote(_: str) -> dict:
+    def promote(_: dict) -> dict:
         r = pipeline("promote", ok=(0, 1))
         if r.returncode == 1:
             return {"decision": "not promoted: gates failed", "detail": r.stderr.strip()[-2000:]}
         return last_json(r.stdout)
 
-    promote(repro(ingest()))
+    promote(publish(repro(ingest())))
 
 
 finetune()

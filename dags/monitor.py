@@ -16,10 +16,10 @@ from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOpe
 from airflow.sdk import dag, task
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common.py sits beside this file
-from _common import DEFAULT_ARGS, PROJECT, last_json, params, pipeline  # noqa: E402
+from _common import DEFAULT_ARGS, MONITOR_SCHEDULE, PROJECT, last_json, params, pipeline  # noqa: E402
 
 
-@dag(dag_id="monitor", schedule="@daily", start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False,
+@dag(dag_id="monitor", schedule=MONITOR_SCHEDULE, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False,
      max_active_runs=1, default_args=DEFAULT_ARGS, tags=["drift"], doc_md=__doc__)
 def monitor():
     @task

@@ -1,6 +1,7 @@
 """Command line: `python -m pipeline <command>` (DESIGN §10).
 
-Exit status: 0 success, 1 a gate or check failed, 2 unusable input or configuration.
+Exit status: 0 success, 1 a gate or check failed, 2 unusable input or configuration, 3 a service (the
+MLflow tracking server) could not be reached: worth a retry.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 from pathlib import Path
 
 from pipeline import config
-from pipeline.errors import CheckFailed, InputError
+from pipeline.errors import CheckFailed, InputError, ServiceUnavailable
 
 SYNTH_FLAGS = {  # flag -> params key under synth
     "n": "n", "seed": "seed", "image_size": "image_size", "site": "site", "camera": "camera",
@@ -43,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     mo.add_argument("--batch", required=True, help="batch folder, e.g. data/incoming/2026-11-27")
     ig = sub.add_parser("ingest", parents=[common], help="add a labelled batch to the training data")
     ig.add_argument("--batch", required=True, help="batch folder, e.g. data/incoming/2026-11-27")
+    pu = sub.add_parser("publish", parents=[common], help="commit the DVC metadata and push to the DVC remote")
+    pu.add_argument("--message", default=None, help="git commit message")
     return p
 
 
@@ -74,9 +77,11 @@ def run(argv: list[str] | None = None) -> int:
                 summary = module.main(params, args.batch)
             elif args.command == "ingest":
                 summary = module.main(params, args.batch, args.params)
+            elif args.command == "publish":
+                summary = module.main(params, args.message)
             else:
                 summary = module.main(params)
-    except InputError as e:
+    except (InputError, ServiceUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except CheckFailed as e:

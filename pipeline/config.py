@@ -65,6 +65,7 @@ class Synth:
     camera: str = "dermatoscope"  # dermatoscope | phone | lamp; one, or one per site
     spurious_darkness: float = 0.0
     tds_margin: float = 0.0  # benign and melanoma lesions keep this far from the suspicious band's edges
+    attributes: Literal["typical", "uniform"] = "typical"  # class-typical colours/structures, or any
     faults: Faults = Faults()
 
 
@@ -266,6 +267,12 @@ class Ingest:
 
 
 @dataclass(frozen=True)
+class Publish:
+    remote: str = "shared"         # DVC remote (by name, from .dvc/config); "" = commit only, no push
+    message: str = "pipeline: new model version"
+
+
+@dataclass(frozen=True)
 class Params:
     paths: Paths = Paths()
     data: Data = Data()
@@ -280,6 +287,7 @@ class Params:
     promote: Promote = Promote()
     monitor: Monitor = Monitor()
     ingest: Ingest = Ingest()
+    publish: Publish = Publish()
 
 
 def _is_dataclass_type(tp: Any) -> bool:

@@ -11,3 +11,9 @@ class CheckFailed(Exception):
     """A gate or check failed on usable input: exit status 1."""
 
     exit_code = 1
+
+
+class ServiceUnavailable(Exception):
+    """A service (the MLflow server, a DVC remote) could not be reached: exit status 3, worth a retry."""
+
+    exit_code = 3

@@ -10,7 +10,8 @@
   to the test split from now on (`split.pinned_test`), so the old test set stays unseen;
 - params.yaml is updated in place (comments kept): the held-out part and the old test set become
   evaluation sets, `promote.improve_on` names the new batch, and `train.peft.method` is `ingest.method`
-  (QLoRA). `dvc repro` then re-runs exactly the stages these changes touch.
+  (QLoRA). `dvc repro` then re-runs exactly the stages these changes touch;
+- in a DVC project, both new folders are `dvc add`ed, so `publish` pushes them with the model.
 Ingesting the same batch twice is refused (exit 2), so a re-triggered DAG cannot double the data.
 """
 from __future__ import annotations
@@ -114,6 +115,9 @@ def main(params: config.Params, batch: str, params_file: str = "params.yaml") ->
         shutil.copy2(test, out / "old_test.jsonl")
     with dataio.atomic_dir(raw_dst) as out:
         _write_part(train_rows, src, out)
+    from pipeline.publish import track
+
+    track([raw_dst, eval_dst])  # in a DVC project: both become DVC-tracked data (pushed by `publish`)
     update_params(Path(params_file), name, str(eval_dst / "samples.jsonl"), str(eval_dst / "old_test.jsonl"),
                   params.ingest.method)
     return {"batch": name, "train_rows": len(train_rows), "held_out_rows": len(held_rows),

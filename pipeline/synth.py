@@ -85,17 +85,51 @@ def label_of(tds: float) -> str:
     return "suspicious" if tds <= 5.45 else "melanoma"
 
 
-def sample_attributes(rng: np.random.Generator, label: str,
-                      margin: float = 0.0) -> tuple[int, int, tuple[str, ...], tuple[str, ...]]:
+# Class-typical dermoscopy (Argenziano's and Stolz's descriptions): benign naevi show one or two browns and a
+# regular network; suspicious lesions add regression (white) or vessels (red) and dots or globules; melanomas
+# show blue-grey and black and branched streaks. name: (colours allowed, at least one of, all of;
+# structures allowed, at least one of, all of).
+TYPICAL = {
+    "benign": (("light brown", "dark brown"), (), (), ("pigment network", "structureless areas"), (), ()),
+    "suspicious": (("white", "red", "light brown", "dark brown"), ("white", "red"), (),
+                   ("pigment network", "structureless areas", "dots", "globules"), ("dots", "globules"), ()),
+    "melanoma": (tuple(COLOURS), (), ("blue-grey", "black"), STRUCTURES, (), ("streaks",)),
+}
+
+
+def _subset(rng: np.random.Generator, allowed: tuple[str, ...], any_of: tuple[str, ...],
+            all_of: tuple[str, ...], k: int, order: list[str]) -> tuple[str, ...] | None:
+    """`k` distinct items of `allowed` holding all of `all_of` and one of `any_of`, or None."""
+    if k > len(allowed) or k < len(all_of) + (1 if any_of and not set(any_of) & set(all_of) else 0):
+        return None
+    for _ in range(50):
+        rest = [x for x in allowed if x not in all_of]
+        picked = list(all_of) + list(rng.choice(rest, k - len(all_of), replace=False))
+        if not any_of or set(any_of) & set(picked):
+            return tuple(sorted((str(x) for x in picked), key=order.index))
+    return None
+
+
+def sample_attributes(rng: np.random.Generator, label: str, margin: float = 0.0,
+                      mode: str = "typical") -> tuple[int, int, tuple[str, ...], tuple[str, ...]]:
     """Draw ABCD attributes whose TDS falls in `label`'s range (rejection sampling); with `margin`,
-    benign and melanoma scores keep that far from the suspicious band [4.75, 5.45]."""
+    benign and melanoma scores keep that far from the suspicious band [4.75, 5.45]. `typical` draws
+    colours and structures from the class-typical sets of `TYPICAL` (the label can be read from the
+    image at low resolution); `uniform` from all of them (the label must be counted out of the ABCD
+    attributes: a much harder benchmark)."""
+    if mode not in ("typical", "uniform"):
+        raise InputError(f"synth.attributes: {mode!r} is not typical or uniform")
+    everything = (tuple(COLOURS), (), (), STRUCTURES, (), ())
+    c_allowed, c_any, c_all, s_allowed, s_any, s_all = TYPICAL[label] if mode == "typical" else everything
     for _ in range(10_000):
         a, b = int(rng.integers(0, 3)), int(rng.integers(0, 9))
         c, d = int(rng.integers(1, 7)), int(rng.integers(1, 6))
         tds = total_dermoscopy_score(a, b, c, d)
-        if label_of(tds) == label and (label == "suspicious" or not 4.75 - margin <= tds <= 5.45 + margin):
-            colours = tuple(sorted(rng.choice(list(COLOURS), c, replace=False), key=list(COLOURS).index))
-            structures = tuple(sorted(rng.choice(STRUCTURES, d, replace=False), key=STRUCTURES.index))
+        if label_of(tds) != label or (label != "suspicious" and 4.75 - margin <= tds <= 5.45 + margin):
+            continue
+        colours = _subset(rng, c_allowed, c_any, c_all, c, list(COLOURS))
+        structures = _subset(rng, s_allowed, s_any, s_all, d, list(STRUCTURES))
+        if colours is not None and structures is not None:
             return a, b, colours, structures
     raise AssertionError(f"no attributes found for {label}")
 
@@ -334,7 +368,7 @@ def plan_lesions(cfg: Synth, labels: tuple[str, ...]) -> list[Lesion]:
         fitz = FITZPATRICK[int(rng.choice(6, p=skin_p))]
         for _ in range(min(int(rng.integers(lo, hi + 1)), cfg.n - len(lesions))):
             label = labels[int(rng.choice(len(labels), p=class_p))]
-            a, b, colours, structures = sample_attributes(rng, label, cfg.tds_margin)
+            a, b, colours, structures = sample_attributes(rng, label, cfg.tds_margin, cfg.attributes)
             dark = label == "benign" and rng.random() < cfg.spurious_darkness
             lesion = Lesion(
                 id=f"{site}-{len(lesions):06d}", patient_id=f"{site}-p{patient:05d}",

@@ -1,17 +1,61 @@
 """MLflow tracking for `train` (DESIGN §7): params flat, every loss term and learning rate per step."""
 from __future__ import annotations
 
+import base64
+import json
 import os
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from pipeline import config
+from pipeline.errors import InputError, ServiceUnavailable
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+_checked: set[str] = set()
 
 
 def tracking_uri() -> str:
-    """`MLFLOW_TRACKING_URI`, else a SQLite file in the working directory."""
-    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
+    """`MLFLOW_TRACKING_URI`, else a SQLite file in the working directory. A tracking server (http[s])
+    is checked once per process before anything is logged: unreachable -> ServiceUnavailable (exit 3,
+    retried by the DAGs), credentials refused -> InputError (exit 2), so nothing is half-logged."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
+    if uri.startswith(("http://", "https://")) and uri not in _checked:
+        check_server(uri)
+        _checked.add(uri)
+    return uri
+
+
+def check_server(uri: str, timeout: float = 10.0) -> None:
+    """Reach the server's /health, then make one authenticated call with the client's credentials
+    (MLFLOW_TRACKING_USERNAME/_PASSWORD or MLFLOW_TRACKING_TOKEN)."""
+    base = uri.rstrip("/")
+    try:
+        urllib.request.urlopen(f"{base}/health", timeout=timeout).read()
+    except (urllib.error.URLError, OSError) as e:
+        if isinstance(e, urllib.error.HTTPError) and e.code < 500:
+            pass  # answered: reachable (a proxy may guard /health)
+        else:
+            raise ServiceUnavailable(f"the MLflow tracking server at {base} could not be reached "
+                                     f"({getattr(e, 'reason', e)}); is it running? (MLFLOW_TRACKING_URI)") from None
+    req = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/search?max_results=1")
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user:
+        token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
+        req.add_header("Authorization", f"Basic {token}")
+    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        req.add_header("Authorization", f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}")
+    try:
+        json.loads(urllib.request.urlopen(req, timeout=timeout).read() or b"{}")
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            who = f"user {user!r}" if user else "no credentials (MLFLOW_TRACKING_USERNAME is not set)"
+            raise InputError(f"the MLflow tracking server at {base} refused {who}: HTTP {e.code}; "
+                             "nothing was logged") from None
+        if e.code >= 500:
+            raise ServiceUnavailable(f"the MLflow tracking server at {base} answered HTTP {e.code}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise ServiceUnavailable(f"the MLflow tracking server at {base} could not be reached ({e})") from None
 
 
 class Tracker:

@@ -388,7 +388,8 @@ def run(params: config.Params, train: list[dict], val: list[dict], tracker=None)
                "final": {k: v for k, v in state.history[-1].items() if k.startswith("loss/")} if state.history else {},
                "first": {k: v for k, v in state.history[0].items() if k.startswith("loss/")} if state.history else {},
                "val": evaluate(state, val, t.batch_size) if val else {}, "preflight_passed": report["passed"],
-               "mlflow_run_id": tracker.run_id if tracker else None}
+               "mlflow_run_id": tracker.run_id if tracker else None,
+               "resumed_from_step": int(resumed["step"]) if resumed else None}
     with dataio.atomic_dir(models / "adapter") as out:
         save_adapter(state, out, params)
     dataio.write_json(models / "train_metrics.json", metrics)

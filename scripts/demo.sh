@@ -16,7 +16,9 @@ rm -rf "$WORK"
 mkdir -p "$P"
 (cd "$ROOT" && git ls-files -co --exclude-standard -z | xargs -0 -I{} cp --parents {} "$P" 2>/dev/null || true)
 cd "$P"
-git init -q && git add -A && git -c user.name=demo -c user.email=demo@localhost commit -qm "demo workspace"
+git init -q && git config user.name demo && git config user.email demo@localhost
+git add -A && git commit -qm "demo workspace"
+dvc remote modify --local shared url "$WORK/dvc-remote"  # the finetune DAG pushes here (publish)
 
 export PATH="$BIN:$PATH" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=1
 export MLFLOW_TRACKING_URI="sqlite:///$P/mlflow.db" PIPELINE_PROJECT="$P" PIPELINE_PYTHON="$BIN/python"
@@ -96,3 +98,4 @@ step "done in $(( $(date +%s) - START )) s"
 echo "Evidently report: $P/reports/drift/hospital_b/drift.html"
 echo "MLflow UI:        $BIN/mlflow ui --backend-store-uri sqlite:///$P/mlflow.db"
 echo "Airflow log:      $WORK/airflow.log"
+echo "DVC remote:       $WORK/dvc-remote (pushed by finetune's publish step; git log in $P)"

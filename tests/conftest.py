@@ -59,7 +59,8 @@ def tiny(params: config.Params, root: Path, **train_kw) -> config.Params:
     base = dataclasses.replace(params.base, images=64, steps=30, batch_size=8, corpus_captions=300)
     kw = dict(epochs=1, max_steps=8, batch_size=4, checkpoint_every=4, warmup_steps=2)
     train = dataclasses.replace(params.train, **{**kw, **train_kw})
-    return dataclasses.replace(params, paths=paths, base=base, train=train)
+    model = dataclasses.replace(params.model, image_size=64)  # tests: 64 px (the benchmark's default is 96)
+    return dataclasses.replace(params, paths=paths, base=base, train=train, model=model)
 
 
 @pytest.fixture(scope="session")
@@ -141,6 +142,7 @@ def make_clone(tmp_path: Path) -> tuple[Path, dict]:
 def tiny_project_params(params: dict) -> dict:
     """params.yaml (as a dict) shrunk so that the whole pipeline runs in a minute or two."""
     params["synth"].update(n=60, image_size=64)
+    params["model"]["image_size"] = 64
     params["curate"]["mismatch"].update(epochs=2, folds=3, image_size=32)
     params["split"]["min_stratum"] = 4
     params["base"].update(steps=10, images=32, corpus_captions=200)

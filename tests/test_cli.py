@@ -67,3 +67,23 @@ def test_later_stage_commands_exit_2_on_unusable_input(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pipeline", "promote", "--rollback"], cwd=ROOT, capture_output=True,
                        text=True, env={**__import__("os").environ, "MLFLOW_TRACKING_URI": env_uri})
     assert r.returncode == 2 and "no registered model" in r.stderr
+
+
+def test_unreachable_tracking_server_exits_3_naming_it_and_logs_nowhere_else(tmp_path):
+    import os
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+    r = subprocess.run([sys.executable, "-m", "pipeline", "promote", "--rollback", "--params", str(ROOT / "params.yaml")],
+                       cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert r.returncode == 3, r.stderr
+    assert f"MLflow tracking server at http://127.0.0.1:{port} could not be reached" in r.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+
+
+def test_publish_outside_a_project_exits_2(tmp_path):
+    r = cli("publish", "--params", str(ROOT / "params.yaml"), cwd=tmp_path)
+    assert r.returncode == 2 and "dvc.yaml not found" in r.stderr

@@ -20,6 +20,7 @@ def test_monitor_triggers_finetune_which_decides_by_the_gates(tmp_path, params):
     p["monitor"].update(min_rows=10, min_captions=5)
     p["promote"]["min_improvement"] = -1.0  # any challenger that passes the gates is "better"
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    run_ok(["dvc", "remote", "modify", "--local", "shared", "url", str(tmp_path / "remote")], repo, env)
     run_ok(["git", "commit", "-qam", "tiny params"], repo, env)
     env = {**env, "AIRFLOW_HOME": str(tmp_path / "airflow"), "AIRFLOW__CORE__DAGS_FOLDER": str(repo / "dags"),
            "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "PIPELINE_PROJECT": str(repo), "PIPELINE_TASK_RETRIES": "0",
@@ -59,3 +60,9 @@ def test_monitor_triggers_finetune_which_decides_by_the_gates(tmp_path, params):
     else:
         assert decision.startswith("rejected") and str(champion.version) == first["version"]
     assert "Marking run" in out or "success" in out.lower()
+    # publish: the DVC metadata of this version is committed and its data and model are on the remote
+    head = run_ok(["git", "show", "--stat", "--format=%s", "HEAD"], repo, env)
+    assert "dvc.lock" in head and "data/batches/b_phone.dvc" in head and "data/eval/b_phone.dvc" in head
+    assert newest.tags["git_commit"] == run_ok(["git", "rev-parse", "HEAD"], repo, env).strip()
+    status = run_ok(["dvc", "status", "--cloud"], repo, env)
+    assert "new:" not in status and "missing:" not in status, status  # nothing left to push

@@ -35,8 +35,8 @@ print(json.dumps({{"errors": {{k: str(v) for k, v in bag.import_errors.items()}}
     assert out["m_schedule"] == "@daily" and out["m_catchup"] is False and out["m_runs"] == 1
     assert out["f_runs"] == 1 and out["f_schedule"] in ("None", "")
     assert {"find_batches", "check", "decide", "drifted", "no_drift", "trigger_finetune"} <= set(out["m_tasks"])
-    assert out["f_tasks"] == ["ingest", "promote", "repro"]
-    assert out["pools"]["ingest"] == out["pools"]["repro"] == "dvc"  # DVC work never runs at once
+    assert out["f_tasks"] == ["ingest", "promote", "publish", "repro"]
+    assert out["pools"]["ingest"] == out["pools"]["repro"] == out["pools"]["publish"] == "dvc"  # never at once
     assert out["queues"]["repro"] == "training" and out["trigger"] == "finetune"
 
 

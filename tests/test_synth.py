@@ -41,6 +41,43 @@ def test_tds_and_label_follow_the_abcd_rule():
             assert synth.label_of(synth.total_dermoscopy_score(a, b, len(c), len(d))) == label
 
 
+def test_typical_attributes_carry_each_class_signs_and_uniform_ones_do_not():
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        a, b, c, d = synth.sample_attributes(rng, "benign")
+        assert set(c) <= {"light brown", "dark brown"} and set(d) <= {"pigment network", "structureless areas"}
+        a, b, c, d = synth.sample_attributes(rng, "suspicious")
+        assert set(c) & {"white", "red"} and not set(c) & {"blue-grey", "black"}
+        assert set(d) & {"dots", "globules"} and "streaks" not in d
+        a, b, c, d = synth.sample_attributes(rng, "melanoma")
+        assert {"blue-grey", "black"} <= set(c) and "streaks" in d
+    uniform = [synth.sample_attributes(rng, "benign", mode="uniform")[2] for _ in range(60)]
+    assert any(set(c) & {"blue-grey", "black", "white", "red"} for c in uniform)
+    with pytest.raises(synth.InputError, match="typical or uniform"):
+        synth.sample_attributes(rng, "benign", mode="other")
+
+
+def test_typical_labels_are_legible_from_colour_histograms(tmp_path, params):
+    """The default benchmark can be read from the image at low resolution (a colour-histogram classifier
+    separates the classes); the uniform one cannot (its labels must be counted out of ABCD attributes)."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.model_selection import cross_val_score
+
+    def score(mode):
+        folder = make_dataset(tmp_path / mode, params, n=240, image_size=64, seed=4, attributes=mode,
+                              faults={k: 0.0 for k in ALL_FAULTS})
+        X, y = [], []
+        for r in csv.DictReader(open(folder / "manifest.csv")):
+            q = (np.asarray(Image.open(folder / r["image"]).convert("RGB"), np.float32) / 64).astype(int).clip(0, 3)
+            X.append(np.bincount((q[..., 0] * 16 + q[..., 1] * 4 + q[..., 2]).ravel(), minlength=64) / q[..., 0].size)
+            y.append(r["label"])
+        clf = HistGradientBoostingClassifier(max_iter=100, random_state=0)
+        return cross_val_score(clf, np.array(X), np.array(y), cv=4, scoring="f1_macro").mean()
+
+    typical, uniform = score("typical"), score("uniform")
+    assert typical >= 0.9 and uniform <= 0.7, (typical, uniform)
+
+
 def _background_ita(path, size):
     """ITA of the skin ring between the lesion and the dermatoscope's field edge."""
     rgb = np.asarray(Image.open(path).convert("RGB"), np.float64) / 255
