@@ -209,6 +209,7 @@ class Bias:
     bootstrap: int = 1000         # seeded resamples for the gap's confidence interval
     confidence: float = 0.95
     insufficient: Literal["fail", "warn"] = "fail"
+    groups: dict[str, str] = field(default_factory=dict)  # subgroup value -> group judged (others: itself)
 
 
 @dataclass(frozen=True)

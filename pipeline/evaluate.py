@@ -429,7 +429,16 @@ def evaluate_set(ev, records: list[dict], params: config.Params, name: str,
     v, t, _ = ev.embed(records)
     m["retrieval"] = retrieval(v, t, refs)
     m.update(geometry(v, t))
-    m["bias"] = bias(y, pred, groups, params.data.positive_label, e.bias, e.seed) if group_key else {}
+    if group_key:
+        binned = [e.bias.groups.get(g, g) for g in groups]  # e.g. Fitzpatrick I-II / III-IV / V-VI
+        m["bias"] = bias(y, pred, binned, params.data.positive_label, e.bias, e.seed)
+        if e.bias.groups:  # the unbinned values too, for the record (no interval, no gate)
+            y_, p_, g_ = np.asarray(y, object), np.asarray(_clean(pred), object), np.asarray(groups, object)
+            m["bias"]["per_value"] = {v: {"n": int((g_ == v).sum()), **group_metrics(y_[g_ == v], p_[g_ == v],
+                                                                                   params.data.positive_label)}
+                                      for v in sorted(set(groups))}
+    else:
+        m["bias"] = {}
     m["bias"]["subgroup"] = group_key
     return m, rows
 
@@ -544,7 +553,7 @@ def flat_metrics(m: dict, prefix: str = "") -> dict[str, float]:
     """Numeric leaves of the metrics as MLflow metric names (`image_reliance.ignore_rate`, ...)."""
     out = {}
     for k, v in m.items():
-        if k in ("confusion", "unparseable", "max_gap_ci", "max_gap_groups", "insufficient", "subgroup"):
+        if k in ("confusion", "unparseable", "max_gap_ci", "max_gap_groups", "insufficient", "subgroup", "per_value"):
             continue
         key = f"{prefix}{k}".replace("@", "_at_")
         if isinstance(v, dict):

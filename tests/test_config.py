@@ -11,7 +11,7 @@ from conftest import ROOT
 
 def test_committed_params_load_and_are_frozen(params):
     assert params.data.labels == ("benign", "suspicious", "melanoma")
-    assert params.split.fractions == {"train": 0.7, "val": 0.15, "test": 0.15}
+    assert params.split.fractions == {"train": 0.6, "val": 0.15, "test": 0.25}
     assert isinstance(params.curate.mismatch.lr, float)
     with pytest.raises(dataclasses.FrozenInstanceError):
         params.split.seed = 3
