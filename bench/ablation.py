@@ -1,9 +1,10 @@
 """Benchmark: does the three-part loss help, and do separate learning rates help? (Evaluation issue)
 
 On the default synthetic benchmark (the split and built-in base that `dvc repro` wrote), for each seed:
-  three_part   the defaults: contrastive + CE + MSE (0.4 / 0.5 / 0.1), vision 2e-4 / text 5e-4
+  three_part   the defaults: contrastive + CE + MSE (0.4 / 0.5 / 0.1), train.lr.vision / train.lr.text
   ce_only      cross-entropy only (0 / 1 / 0), same learning rates
-  single_lr    the three-part loss with one learning rate for both sides (--single-lr, default 2e-4)
+  single_lr    the three-part loss with one learning rate for both sides (--single-lr, default: the
+               vision side's train.lr.vision)
 Each run trains an adapter from the same base with `train.seed` = the seed and evaluates it on the test
 split (macro-F1, ignore rate, mismatch AUROC, R@1). Runs go in separate processes, `--jobs` at a time,
 2 threads each. Prints mean ± sd per variant and saves bench/results/ablation.json.
@@ -78,11 +79,16 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (2 threads each)")
     ap.add_argument("--split", default="data/split")
     ap.add_argument("--base", default="models/base")
-    ap.add_argument("--single-lr", type=float, default=2e-4)
+    ap.add_argument("--single-lr", type=float, default=None, help="default: params' train.lr.vision")
     ap.add_argument("--set", dest="extra", action="append", default=[], help="extra params override for every run")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ablation.json"))
     ap.add_argument("--child", nargs=3, metavar=("VARIANT", "SEED", "WORK"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.single_lr is None:
+        sys.path.insert(0, str(ROOT))
+        from pipeline import config
+
+        args.single_lr = config.load(ROOT / "params.yaml", args.extra).train.lr.vision
     table = variants(args.single_lr)
     if args.child:
         v, seed, work = args.child

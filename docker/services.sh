@@ -25,6 +25,8 @@ database_uri = ${MLFLOW_AUTH_DATABASE_URI}
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 INI
     export MLFLOW_AUTH_CONFIG_PATH="$conf"
+    # no server-side job runner (GenAI evaluation jobs): eight huey consumer processes we do not use
+    export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
     exec mlflow server --app-name basic-auth \
       --backend-store-uri "$MLFLOW_BACKEND_STORE_URI" \
       --artifacts-destination "$MLFLOW_ARTIFACTS_DESTINATION" --serve-artifacts \

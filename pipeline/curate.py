@@ -185,27 +185,44 @@ def mark_duplicates(rows: list[Row], max_bits: int) -> None:
 
 
 def mark_mismatches(rows: list[Row], cfg: Curate) -> dict:
-    """Score the clean pairs with the secondary image-text model; flag `likely_mismatch`."""
+    """Score the clean pairs with the secondary image-text model; flag `likely_mismatch`.
+
+    Each source (the raw dataset, each ingested batch) is scored by its own cross-fitted detector, so a
+    site's camera is never mistaken for a mismatch and an unchanged source is not scored again: scores
+    are cached by content (`mismatch.cached_scores`), and a re-run after `ingest` scores only the batch."""
     clean = [r for r in rows if not r.reasons]
-    if not cfg.mismatch.enabled or len(clean) < 2 * cfg.mismatch.folds:
-        return {"scored": 0, "flagged": 0, "skipped": "disabled" if not cfg.mismatch.enabled else "too few rows"}
-    scores = mismatch.score_pairs([str(r.path) for r in clean], [r.raw["caption"] for r in clean], cfg.mismatch)
-    flag = scores.mismatch_score > cfg.mismatch.threshold
-    if cfg.mismatch.top_fraction is not None:
-        k = int(round(cfg.mismatch.top_fraction * len(clean)))
-        flag = np.zeros(len(clean), bool)
-        flag[np.argsort(-scores.mismatch_score, kind="stable")[:k]] = True
-    for i, r in enumerate(clean):
-        r.quality.update(
-            clip_cosine=round(float(scores.cosine[i]), 6), clip_csls=round(float(scores.csls[i]), 6),
-            mismatch_score=round(float(scores.mismatch_score[i]), 6), mismatch_fold=int(scores.fold[i]),
-        )
-        if flag[i]:
-            r.reasons.append("likely_mismatch")
-    return {"scored": len(clean), "flagged": int(flag.sum()), "score": cfg.mismatch.score}
+    if not cfg.mismatch.enabled:
+        return {"scored": 0, "flagged": 0, "skipped": "disabled"}
+    sources: dict[str, list[Row]] = {}
+    for r in clean:
+        sources.setdefault(r.raw.get(ROOT_KEY, ""), []).append(r)
+    report = {"scored": 0, "flagged": 0, "score": cfg.mismatch.score, "sources": {}}
+    for name, group in sources.items():
+        key = Path(name).name if name else "raw"
+        if len(group) < 2 * cfg.mismatch.folds:
+            report["sources"][key] = {"scored": 0, "flagged": 0, "skipped": "too few rows"}
+            continue
+        scores = mismatch.cached_scores([str(r.path) for r in group], [r.raw["caption"] for r in group], cfg.mismatch)
+        flag = scores.mismatch_score > cfg.mismatch.threshold
+        if cfg.mismatch.top_fraction is not None:
+            k = int(round(cfg.mismatch.top_fraction * len(group)))
+            flag = np.zeros(len(group), bool)
+            flag[np.argsort(-scores.mismatch_score, kind="stable")[:k]] = True
+        for i, r in enumerate(group):
+            r.quality.update(
+                clip_cosine=round(float(scores.cosine[i]), 6), clip_csls=round(float(scores.csls[i]), 6),
+                mismatch_score=round(float(scores.mismatch_score[i]), 6), mismatch_fold=int(scores.fold[i]),
+            )
+            if flag[i]:
+                r.reasons.append("likely_mismatch")
+        report["sources"][key] = {"scored": len(group), "flagged": int(flag.sum())}
+        report["scored"] += len(group)
+        report["flagged"] += int(flag.sum())
+    if not report["scored"]:
+        report["skipped"] = "too few rows"
+    return report
 
 
-# ------------------------------------------------------------------------------------------- records
 def sample_record(row: Row, image_ref: str, data: Data) -> dict:
     """An accepted row in the curated format (DESIGN §3.2), messages in the chat format (§4)."""
     raw = row.raw

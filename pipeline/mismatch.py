@@ -14,6 +14,10 @@ CSLS (or 1 - cosine), as a robust z-score (median / MAD) so one threshold fits a
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,6 +164,33 @@ def score_pairs(paths: list[str], captions: list[str], cfg: Mismatch) -> PairSco
             cos[held], cs[held] = csls(img, txt, cfg.csls_k)
     raw = -cs if cfg.score == "csls" else 1 - cos
     return PairScores(cosine=cos, csls=cs, mismatch_score=robust_z(raw), fold=fold)
+
+
+def cached_scores(paths: list[str], captions: list[str], cfg: Mismatch) -> PairScores:
+    """`score_pairs`, cached by content: the key hashes the detector settings, every image's bytes and
+    every caption, in order, so a hit is exactly what scoring would compute (the scores are a seeded,
+    deterministic function of those). Cache folder: PIPELINE_CACHE (default `.cache`), `mismatch/`."""
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode())
+    for path, caption in zip(paths, captions):
+        h.update(hashlib.sha256(Path(path).read_bytes()).digest())
+        h.update(hashlib.sha256(caption.encode()).digest())
+    cache = Path(os.environ.get("PIPELINE_CACHE", ".cache")) / "mismatch" / f"{h.hexdigest()}.npz"
+    if cache.is_file():
+        try:
+            z = np.load(cache)
+            if len(z["fold"]) == len(paths):
+                return PairScores(cosine=z["cosine"], csls=z["csls"], mismatch_score=z["mismatch_score"], fold=z["fold"])
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable: computed again and rewritten
+    scores = score_pairs(paths, captions, cfg)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, cosine=scores.cosine, csls=scores.csls, mismatch_score=scores.mismatch_score, fold=scores.fold)
+        tmp.replace(cache)
+    except OSError:
+        pass  # a read-only cache folder only costs the re-computation
+    return scores
 
 
 def save(model, path: Path) -> None:

@@ -108,11 +108,19 @@ start_one() {  # NAME: own process group (setsid), so stop / restart-service tak
 stop_one() {
   local f="$DIR/pids/$1"
   [ -f "$f" ] || return 0
-  local pid; pid="$(cat "$f")"
-  kill -TERM -- "-$pid" 2>/dev/null || true
+  local pid kids; pid="$(cat "$f")"; kids="$(descendants "$pid")"
+  kill -TERM -- "-$pid" $kids 2>/dev/null || true
   for _ in $(seq 50); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 0.2; done
-  kill -KILL -- "-$pid" 2>/dev/null || true
+  kill -KILL -- "-$pid" $kids 2>/dev/null || true
   rm -f "$f"
+}
+
+descendants() {  # PID: every process under it (tasks run in sessions of their own)
+  "$PY" -c 'import sys, psutil
+try:
+    print(" ".join(str(p.pid) for p in psutil.Process(int(sys.argv[1])).children(recursive=True)))
+except psutil.NoSuchProcess:
+    pass' "$1"
 }
 
 wait_http() {  # NAME URL PIDFILE [SECONDS]
@@ -163,8 +171,24 @@ case "${1:-}" in
     for s in "${SERVICES[@]}"; do
       if [ -f "$DIR/pids/$s" ] && kill -0 "$(cat "$DIR/pids/$s")" 2>/dev/null; then echo "$s running"; else echo "$s stopped"; fi
     done ;;
-  kill-service)   # SIGKILL one service's whole process group (a crashed machine), no restart
-    f="$DIR/pids/${2:?service}"; kill -KILL -- "-$(cat "$f")" 2>/dev/null || true; rm -f "$f" ;;
+  kill-service)   # SIGKILL one service and every process under it (a crashed machine), no restart
+    # (by the process tree, not the group: Airflow's task supervisor starts each task in its own session)
+    f="$DIR/pids/${2:?service}"
+    "$PY" - "$(cat "$f")" <<'PY'
+import sys, psutil
+try:
+    root = psutil.Process(int(sys.argv[1]))
+except psutil.NoSuchProcess:
+    sys.exit(0)
+procs = [root] + root.children(recursive=True)
+for p in procs:
+    try:
+        p.kill()
+    except psutil.NoSuchProcess:
+        pass
+psutil.wait_procs(procs, timeout=10)
+PY
+    rm -f "$f" ;;
   start-service)
     start_one "${2:?service}" ;;
   *)

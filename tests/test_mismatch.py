@@ -9,6 +9,8 @@ from sklearn.metrics import roc_auc_score
 
 from pipeline import curate, mismatch
 
+from conftest import ALL_FAULTS, make_dataset
+
 TINY = dict(folds=3, epochs=2, batch_size=16, image_size=32, embed_dim=32)
 
 
@@ -93,3 +95,38 @@ def test_detector_flags_swapped_captions_through_curate(params, tmp_path):
     flagged = {q["id"] for q in result.quarantined if "likely_mismatch" in q["reasons"]}
     assert len(flagged & swapped) >= 0.6 * len(swapped) and len(flagged - swapped) <= 3
     assert result.report["mismatch"]["scored"] == 150
+
+
+def test_each_source_is_scored_alone_and_unchanged_sources_come_from_the_cache(params, clean_set, tmp_path,
+                                                                               monkeypatch):
+    """After `ingest`, curate scores the raw dataset and every batch with detectors of their own; the raw
+    dataset's scores come from the content-keyed cache (no retraining); a changed caption misses it."""
+    from pipeline import data as dataio
+
+    calls = []
+
+    def fake(paths, captions, cfg):
+        calls.append(len(paths))
+        n = len(paths)
+        return mismatch.PairScores(cosine=np.zeros(n), csls=np.zeros(n), mismatch_score=np.linspace(-1, 1, n),
+                                   fold=np.zeros(n, int))
+
+    monkeypatch.setattr(mismatch, "score_pairs", fake)
+    monkeypatch.setenv("PIPELINE_CACHE", str(tmp_path / "cache"))
+    cfg = dataclasses.replace(params.curate, mismatch=dataclasses.replace(params.curate.mismatch, folds=2))
+    batches = tmp_path / "batches"
+    make_dataset(batches / "b1", params, n=12, image_size=64, seed=8, site="b1",
+                 faults={k: 0.0 for k in ALL_FAULTS})
+    rows = dataio.read_manifest(clean_set / "manifest.csv")
+    result = curate.run(curate.read_rows(clean_set), clean_set, cfg, params.data)
+    assert calls == [len(rows)] and set(result.report["mismatch"]["sources"]) == {"raw"}
+    calls.clear()
+    result = curate.run(curate.read_rows(clean_set, batches), clean_set, cfg, params.data)
+    assert calls == [12]  # only the new batch is scored; the raw dataset's scores are a cache hit
+    assert result.report["mismatch"]["sources"]["b1"]["scored"] == 12
+    assert result.report["mismatch"]["scored"] == len(rows) + 12
+    calls.clear()
+    changed = curate.read_rows(clean_set)
+    changed[0]["caption"] = changed[0]["caption"].replace("This lesion", "The lesion")
+    curate.run(changed, clean_set, cfg, params.data)
+    assert calls == [len(rows)]  # another caption: another key
