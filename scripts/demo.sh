@@ -18,12 +18,12 @@ mkdir -p "$P"
 cd "$P"
 git init -q && git config user.name demo && git config user.email demo@localhost
 git add -A && git commit -qm "demo workspace"
-dvc remote modify --local shared url "$WORK/dvc-remote"  # the finetune DAG pushes here (publish)
 
 export PATH="$BIN:$PATH" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=1
 export MLFLOW_TRACKING_URI="sqlite:///$P/mlflow.db" PIPELINE_PROJECT="$P" PIPELINE_PYTHON="$BIN/python"
 export AIRFLOW_HOME="$WORK/airflow" AIRFLOW__CORE__DAGS_FOLDER="$P/dags" AIRFLOW__CORE__LOAD_EXAMPLES=False
 export PIPELINE_TASK_RETRIES=0
+dvc remote modify --local shared url "$WORK/dvc-remote"  # the finetune DAG pushes here (publish)
 
 step "hospital A: dvc repro (synth -> curate -> split -> base -> train -> evaluate)"
 dvc repro -q
