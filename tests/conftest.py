@@ -41,8 +41,9 @@ ALL_FAULTS = dict(vague=0.06, mismatch=0.06, exact_duplicate=0.05, near_duplicat
 
 @pytest.fixture(scope="session")
 def faulty_set(tmp_path_factory, params) -> Path:
-    """80 clean lesions at 64 px plus every kind of injected fault."""
-    return make_dataset(tmp_path_factory.mktemp("faulty"), params, n=80, image_size=64, seed=3, faults=ALL_FAULTS)
+    """80 clean lesions at the default 96 px plus every kind of injected fault (at 64 px a near duplicate's
+    one-pixel crop moves the 256-bit pHash by up to 32 bits, past `near_duplicate_bits`; at 96 px by <= 20)."""
+    return make_dataset(tmp_path_factory.mktemp("faulty"), params, n=80, image_size=96, seed=3, faults=ALL_FAULTS)
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,8 @@ def test_every_stratum_share_is_within_tolerance(params, seed):
             assert abs(share - full) <= 0.02 or (c < 50 and abs(got[k] - expected) <= 1), (name, k, got[k], expected)
     assert result.report["all_within_tolerance"]
     sizes = {k: len(v) for k, v in result.splits.items()}
-    assert abs(sizes["train"] / n - 0.7) < 0.02 and abs(sizes["test"] / n - 0.15) < 0.02
+    f = params.split.fractions
+    assert abs(sizes["train"] / n - f["train"]) < 0.02 and abs(sizes["test"] / n - f["test"]) < 0.02
 
 
 def test_no_patient_in_two_splits(params):

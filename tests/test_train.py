@@ -54,7 +54,9 @@ def test_every_parameter_is_in_exactly_one_group_with_its_learning_rate(params, 
     p = _params(params, tmp_path, base_dir)
     state = train.setup(p, records[:8], [])
     groups = {g["name"]: g for g in state.optimizer.param_groups}
-    assert groups["vision"]["initial_lr"] == 2e-4 and groups["text"]["initial_lr"] == 5e-4
+    lr = params.train.lr
+    assert groups["vision"]["initial_lr"] == lr.vision and groups["text"]["initial_lr"] == lr.text
+    assert lr.vision != lr.text
     ids = [id(q) for g in groups.values() for q in g["params"]]
     assert len(ids) == len(set(ids))
     trainable = [q for q in state.model.parameters() if q.requires_grad] + list(state.heads.parameters())
@@ -174,7 +176,8 @@ def test_killed_run_resumes_from_its_checkpoint_and_ends_the_same(params, tmp_pa
     for key in ("loss/contrastive", "loss/ce", "loss/mse", "loss/total", "lr/vision", "lr/text"):
         steps = {m.step for m in client.get_metric_history(run.info.run_id, key)}
         assert steps == set(range(1, 11)), key
-    assert run.data.params["train.lr.vision"] == "0.0002" and run.data.params["train.peft.method"] == "lora"
+    assert run.data.params["train.lr.vision"] == str(params.train.lr.vision)
+    assert run.data.params["train.peft.method"] == "lora"
     arts = {f.path for f in client.list_artifacts(run.info.run_id)}
     assert {"preflight.json", "adapter", "train_steps.csv"} <= arts
 
