@@ -22,7 +22,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import BIN, ROOT, make_clone, run_ok, tiny_project_params
+from conftest import BIN, ROOT, make_clone, run_ok, loop_project_params
 
 
 def _reachable(host: str, port: int) -> bool:
@@ -94,13 +94,7 @@ class Airflow:
 def scenario(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cluster")
     repo, env = make_clone(tmp)
-    p = tiny_project_params(yaml.safe_load((repo / "params.yaml").read_text()))
-    p["evaluate"]["gates"].update(min_f1_macro=0.0, max_ignore_rate=1.0, max_bias_gap=1.0, min_mismatch_auroc=0.0)
-    p["evaluate"]["bias"]["min_group_size"] = 1
-    p["monitor"].update(min_rows=10, min_captions=5)
-    # ~40 rows a side: Evidently's domain classifier is too noisy at this size; MMD (its default threshold)
-    p["monitor"]["embedding"] = {"method": "mmd", "threshold": 0.015}
-    p["promote"]["min_improvement"] = -1.0  # any challenger that passes the gates is "better"
+    p = loop_project_params(yaml.safe_load((repo / "params.yaml").read_text()))
     # long enough to be killed mid-run (QLoRA on the CPU), with frequent checkpoints
     p["train"].update(max_steps=150, checkpoint_every=5)
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))

@@ -8,19 +8,13 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import BIN, make_clone, run_ok, tiny_project_params
+from conftest import BIN, make_clone, run_ok, loop_project_params
 
 
 @pytest.mark.slow
 def test_monitor_triggers_finetune_which_decides_by_the_gates(tmp_path, params):
     repo, env = make_clone(tmp_path)
-    p = tiny_project_params(yaml.safe_load((repo / "params.yaml").read_text()))
-    p["evaluate"]["gates"].update(min_f1_macro=0.0, max_ignore_rate=1.0, max_bias_gap=1.0, min_mismatch_auroc=0.0)
-    p["evaluate"]["bias"]["min_group_size"] = 1
-    p["monitor"].update(min_rows=10, min_captions=5)
-    # ~40 rows a side: Evidently's domain classifier is too noisy at this size; MMD (its default threshold)
-    p["monitor"]["embedding"] = {"method": "mmd", "threshold": 0.015}
-    p["promote"]["min_improvement"] = -1.0  # any challenger that passes the gates is "better"
+    p = loop_project_params(yaml.safe_load((repo / "params.yaml").read_text()))
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     run_ok(["dvc", "remote", "modify", "--local", "shared", "url", str(tmp_path / "remote")], repo, env)
     run_ok(["git", "commit", "-qam", "tiny params"], repo, env)
