@@ -27,8 +27,8 @@ DVC_POOL = "dvc"  # one slot: DVC tasks never run at once (its repository lock i
 RETRIES = int(os.environ.get("PIPELINE_TASK_RETRIES", "2"))
 RETRY_DELAY = timedelta(seconds=float(os.environ.get("PIPELINE_RETRY_DELAY", "30")))
 DEFAULT_ARGS = {"retries": RETRIES, "retry_delay": RETRY_DELAY, "retry_exponential_backoff": True}
-MONITOR_SCHEDULE = None if os.environ.get("PIPELINE_MONITOR_SCHEDULE", "@daily").lower() == "none" \
-    else os.environ.get("PIPELINE_MONITOR_SCHEDULE", "@daily")
+_schedule = os.environ.get("PIPELINE_MONITOR_SCHEDULE", "@daily")
+MONITOR_SCHEDULE = None if _schedule.lower() == "none" else _schedule
 
 
 def env() -> dict:
