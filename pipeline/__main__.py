@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -63,6 +64,24 @@ def _synth(args, params: config.Params) -> dict:
         return synth.run(params.synth, params.data, tmp)
 
 
+def _report_to_launcher(code: int, error: str) -> None:
+    """In a rank started by `train`'s torchrun launch: leave the error for the launching process."""
+    if "RANK" in os.environ:
+        from pipeline import distributed
+
+        distributed.report_failure(code, error)
+
+
+def _prints_summary() -> bool:
+    """One summary per command: under torchrun rank 0 prints it, or the launching process when `train`
+    started the ranks itself."""
+    if "RANK" not in os.environ:
+        return True
+    from pipeline import distributed
+
+    return os.environ["RANK"] == "0" and not distributed.is_rank_process()
+
+
 def run(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -79,10 +98,13 @@ def run(argv: list[str] | None = None) -> int:
                 summary = module.main(params, args.batch, args.params)
             elif args.command == "publish":
                 summary = module.main(params, args.message)
+            elif args.command == "train":  # the argv again, for the ranks when it starts torchrun
+                summary = module.main(params, ["--params", args.params, *[f"--set={o}" for o in args.overrides]])
             else:
                 summary = module.main(params)
     except (InputError, ServiceUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
+        _report_to_launcher(e.exit_code, str(e))
         return e.exit_code
     except CheckFailed as e:
         if type(e).__name__ == "DriftFound":
@@ -90,8 +112,13 @@ def run(argv: list[str] | None = None) -> int:
             print("drift: thresholds crossed, retraining called for", file=sys.stderr)
         else:
             print(f"check failed: {e}", file=sys.stderr)
+        _report_to_launcher(e.exit_code, str(e))
         return e.exit_code
-    print(json.dumps(summary, indent=2, sort_keys=True))
+    except Exception as e:  # a rank's crash: its launcher reports it
+        _report_to_launcher(1, f"{type(e).__name__}: {e}")
+        raise
+    if _prints_summary():
+        print(json.dumps(summary, indent=2, sort_keys=True))
     return 0
 
 

@@ -181,6 +181,20 @@ class Loss:
 
 
 @dataclass(frozen=True)
+class Distributed:
+    """Data parallelism across processes (torchrun); `train.batch_size` is the global micro-batch."""
+
+    nproc_per_node: int = 1        # > 1 (or nnodes > 1): `train` starts the processes itself through torchrun
+    nnodes: int = 1
+    node_rank: int = 0             # this node's place (0 on the node whose address is rdzv_endpoint)
+    rdzv_endpoint: str = "127.0.0.1:29500"  # c10d rendezvous: host:port of node 0, the same on every node
+    rdzv_id: str = "pipeline-train"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPUs, gloo on the CPU
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    gather: bool = True            # contrastive over the global batch (embeddings gathered with gradient)
+
+
+@dataclass(frozen=True)
 class Train:
     seed: int = 0
     epochs: int = 3
@@ -195,6 +209,7 @@ class Train:
     lr: Lr = Lr()
     peft: Peft = Peft()
     loss: Loss = Loss()
+    distributed: Distributed = Distributed()
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipeline import distributed
+
 MAX_LOG_SCALE = math.log(100.0)  # CLIP's clamp: 1/τ never above 100
 
 
@@ -74,11 +76,17 @@ class Terms:
 
 
 class AlignmentLoss(nn.Module):
-    """w_con·contrastive + w_ce·cross-entropy + w_mse·MSE, with optional learnable τ and text queue."""
+    """w_con·contrastive + w_ce·cross-entropy + w_mse·MSE, with optional learnable τ and text queue.
 
-    def __init__(self, w_con=0.4, w_ce=0.5, w_mse=0.1, tau=0.07, learnable_tau=False, queue_size=0, dim=0):
+    Across processes (`gather`), the contrastive term is computed over the global batch: every rank
+    gathers all ranks' embeddings with gradient and `groups` must number the global batch; MSE is each
+    rank's share of the global mean (`distributed.mean_share`). In one process both are the plain terms.
+    """
+
+    def __init__(self, w_con=0.4, w_ce=0.5, w_mse=0.1, tau=0.07, learnable_tau=False, queue_size=0, dim=0,
+                 gather=True):
         super().__init__()
-        self.w_con, self.w_ce, self.w_mse = w_con, w_ce, w_mse
+        self.w_con, self.w_ce, self.w_mse, self.gather = w_con, w_ce, w_mse, gather
         log_scale = torch.tensor(math.log(1 / tau))
         self.log_scale = nn.Parameter(log_scale) if learnable_tau else None
         self.register_buffer("fixed_log_scale", log_scale, persistent=False)
@@ -91,9 +99,12 @@ class AlignmentLoss(nn.Module):
         return 1 / log_scale.clamp(max=MAX_LOG_SCALE).exp()
 
     def forward(self, image_emb, text_emb, ce: torch.Tensor, groups=None) -> Terms:
-        con = contrastive(image_emb, text_emb, self.tau, groups, self.queue if self.queue_size else None)
-        m = mse(image_emb, text_emb)
+        """(b, D) unit embeddings of this rank, its cross-entropy share, (B,) caption groups -> terms."""
+        v, t = (distributed.gather(image_emb), distributed.gather(text_emb)) if self.gather else (image_emb, text_emb)
+        con = contrastive(v, t, self.tau, groups, self.queue if self.queue_size else None)
+        # (b,) squared distances -> this rank's share of the batch mean (= mse() in one process)
+        m = distributed.mean_share(((image_emb - text_emb.detach()) ** 2).sum(-1).sum(), image_emb.shape[0])
         if self.queue_size:
-            self.queue = torch.cat([text_emb.detach(), self.queue])[: self.queue_size]
+            self.queue = torch.cat([t.detach(), self.queue])[: self.queue_size]
         total = self.w_con * con + self.w_ce * ce + self.w_mse * m
         return Terms(contrastive=con, ce=ce, mse=m, total=total)

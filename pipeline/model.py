@@ -66,7 +66,8 @@ def build_config(tokenizer, cfg: ModelCfg):
                          head_dim=t.hidden_size // t.heads, query_pre_attn_scalar=t.hidden_size // t.heads,
                          max_position_embeddings=1024, sliding_window=256),
         vision_config=dict(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.layers,
-                           num_attention_heads=v.heads, image_size=cfg.image_size, patch_size=v.patch_size),
+                           num_attention_heads=v.heads, image_size=cfg.image_size, patch_size=v.patch_size,
+                           vision_use_head=False),  # as Gemma 3: the projector reads every patch, no pooling head
         mm_tokens_per_image=cfg.tokens_per_image, boi_token_index=ids("<start_of_image>"),
         eoi_token_index=ids("<end_of_image>"), image_token_index=ids("<image_soft_token>"),
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -1,8 +1,12 @@
 """`train`: PEFT fine-tune with the three-part alignment loss, written out as setup / step / evaluate / save.
 
-Resumable: every `checkpoint_every` optimizer steps the trainable state, optimizer, scheduler, RNG
-states and data position are written atomically to `models/checkpoints/last.pt`; a re-run with the same
-params and data resumes from it and ends with the same adapter as an uninterrupted run.
+Resumable: every `checkpoint_every` optimizer steps the trainable state, optimizer, scheduler, every
+rank's RNG states and the data position are written atomically to `models/checkpoints/last.pt` (tensors
+and plain containers only, loaded with `weights_only=True`); a re-run with the same params and data
+resumes from it and ends with the same adapter as an uninterrupted run.
+
+Data parallel (`train.distributed`): the same loop on every rank of a torchrun job, each rank reading its
+slice of every global micro-batch, the model wrapped in DDP or FSDP; rank 0 alone writes.
 """
 from __future__ import annotations
 
@@ -18,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline import audit, config, data as dataio, losses, model as modelmod
+from pipeline import audit, config, data as dataio, distributed, losses, model as modelmod
 from pipeline.collate import Collator
 from pipeline.errors import CheckFailed, InputError
 
@@ -35,14 +40,15 @@ def backbone(model):
 
 def answer_ce(base, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Causal-LM loss on the answer tokens only; logits are computed for those positions alone
-    (the full (B, T, vocab) tensor is never materialised)."""
+    (the full (B, T, vocab) tensor is never materialised). Across processes: this rank's share of the
+    mean over every rank's answer tokens."""
     target = labels[:, 1:]
     keep = target != -100  # (B, T-1)
     logits = base.lm_head(hidden[:, :-1][keep])  # (N_answer, V)
     cap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    return F.cross_entropy(logits.float(), target[keep])
+    return distributed.mean_share(F.cross_entropy(logits.float(), target[keep], reduction="sum"), keep.sum())
 
 
 class TextAnchor:
@@ -123,7 +129,20 @@ def forward_terms(model, heads, loss_fn: losses.AlignmentLoss, batch: dict, text
         t = heads.embed_text(text_hidden.float(), batch["caption_mask"])  # (B, D)
     else:
         t = heads.embed_pooled(anchor(model, batch))  # (B, D)
-    return loss_fn(v, t, ce, groups=losses.caption_groups(batch["captions"]))
+    captions = distributed.gather_objects(batch["captions"]) if loss_fn.gather else batch["captions"]
+    return loss_fn(v, t, ce, groups=losses.caption_groups(captions))
+
+
+class Objective(nn.Module):
+    """Model, alignment heads and loss as one module: what DDP / FSDP wrap, so that every trainable
+    parameter is synchronised by one wrapper."""
+
+    def __init__(self, model, heads, loss_fn):
+        super().__init__()
+        self.model, self.heads, self.loss_fn = model, heads, loss_fn
+
+    def forward(self, batch: dict, text_grad: bool, anchor: TextAnchor | None = None) -> losses.Terms:
+        return forward_terms(self.model, self.heads, self.loss_fn, batch, text_grad, anchor)
 
 
 # ------------------------------------------------------------------------------------------- setup
@@ -162,15 +181,16 @@ class State:
     steps_per_epoch: int
     total_steps: int
     device: torch.device
+    wrapped: nn.Module  # the Objective, under DDP / FSDP across processes: what the training step calls
     anchor: TextAnchor = field(default_factory=TextAnchor)
     step: int = 0
     history: list[dict] = field(default_factory=list)
 
 
 def device_and_dtype() -> tuple[torch.device, torch.dtype]:
-    """bf16 on a GPU, fp32 on the CPU."""
+    """bf16 on a GPU (this rank's), fp32 on the CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda"), torch.bfloat16
+        return torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
     return torch.device("cpu"), torch.float32
 
 
@@ -197,13 +217,16 @@ def setup(params: config.Params, train: list[dict], val: list[dict]) -> State:
     hidden = backbone(model).config.get_text_config().hidden_size
     heads = modelmod.AlignmentHeads(hidden, t.loss.embed_dim).to(device)
     loss_fn = losses.AlignmentLoss(t.loss.w_con, t.loss.w_ce, t.loss.w_mse, t.loss.tau, t.loss.learnable_tau,
-                                   t.loss.queue_size, t.loss.embed_dim).to(device)
+                                   t.loss.queue_size, t.loss.embed_dim, t.distributed.gather).to(device)
+    align = t.loss.w_con > 0 or t.loss.w_mse > 0
+    wrapped = distributed.wrap(Objective(model, heads, loss_fn), t.distributed.strategy, unused=not align)
+    # after wrapping: FSDP replaces the parameters by their shards
     optimizer = torch.optim.AdamW(param_groups(model, heads, loss_fn, t.lr), weight_decay=0.0)
     steps_per_epoch = max(1, len(train) // (t.batch_size * t.grad_accum))
     total = steps_per_epoch * t.epochs if not t.max_steps else min(t.max_steps, steps_per_epoch * t.epochs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(t.warmup_steps, total))
     return State(model, processor, heads, loss_fn, optimizer, scheduler, Collator(processor, t.max_length),
-                 train, val, steps_per_epoch, total, device)
+                 train, val, steps_per_epoch, total, device, wrapped)
 
 
 # --------------------------------------------------------------------------------- step / evaluate
@@ -219,17 +242,19 @@ def micro_batches(state: State, epoch: int, seed: int, batch_size: int) -> list[
 
 
 def train_step(state: State, batches: list[list[dict]], t: config.Train) -> dict[str, float]:
-    """One optimizer step over `grad_accum` micro-batches; stops on a non-finite term."""
+    """One optimizer step over `grad_accum` global micro-batches (this rank computes its slice of each);
+    stops on a non-finite term."""
     state.model.train()
     sums = dict.fromkeys(TERMS, 0.0)
-    for mb in batches:
-        terms = forward_terms(state.model, state.heads, state.loss_fn, to_device(state.collator(mb), state.device),
-                              t.loss.text_grad, state.anchor)
-        for name, value in terms.as_floats().items():
-            if not math.isfinite(value):
-                raise CheckFailed(f"non-finite loss at step {state.step + 1}: loss/{name} = {value}")
-            sums[name] += value / len(batches)
-        (terms.total / len(batches)).backward()
+    for i, mb in enumerate(batches):
+        batch = to_device(state.collator(distributed.shard(mb)), state.device)
+        with distributed.no_sync(state.wrapped, last=i == len(batches) - 1):
+            terms = state.wrapped(batch, t.loss.text_grad, state.anchor)
+            for name, value in distributed.mean_over_ranks(terms.as_floats()).items():
+                if not math.isfinite(value):
+                    raise CheckFailed(f"non-finite loss at step {state.step + 1}: loss/{name} = {value}")
+                sums[name] += value / len(batches)
+            (terms.total / len(batches)).backward()
     params = [p for g in state.optimizer.param_groups for p in g["params"]]
     torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
     state.optimizer.step()
@@ -241,14 +266,14 @@ def train_step(state: State, batches: list[list[dict]], t: config.Train) -> dict
 
 
 @torch.no_grad()
-def evaluate(state: State, records: list[dict], batch_size: int) -> dict[str, float]:
-    """Mean loss terms over `records` (no gradient)."""
+def validation_loss(state: State, records: list[dict], batch_size: int) -> dict[str, float]:
+    """Mean loss terms over `records` in global batches of `batch_size` (no gradient)."""
     state.model.eval()
     sums, n = dict.fromkeys(TERMS, 0.0), 0
     for i in range(0, len(records) - batch_size + 1, batch_size):
-        terms = forward_terms(state.model, state.heads, state.loss_fn,
-                              to_device(state.collator(records[i : i + batch_size]), state.device), False, state.anchor)
-        for k, v in terms.as_floats().items():
+        batch = to_device(state.collator(distributed.shard(records[i : i + batch_size])), state.device)
+        terms = state.wrapped(batch, False, state.anchor)
+        for k, v in distributed.mean_over_ranks(terms.as_floats()).items():
             sums[k] += v
         n += 1
     return {f"val/{k}": v / max(n, 1) for k, v in sums.items()}
@@ -256,8 +281,11 @@ def evaluate(state: State, records: list[dict], batch_size: int) -> dict[str, fl
 
 # ---------------------------------------------------------------------------------- checkpoints
 def fingerprint(params: config.Params, train: list[dict]) -> str:
-    """What a checkpoint is valid for: the train/model params and the training data."""
-    h = hashlib.sha256(json.dumps({"train": config.flatten(params.train), "model": config.flatten(params.model)},
+    """What a checkpoint is valid for: the train/model params, the number of processes and the
+    training data (where the rendezvous is, or which node this is, does not matter)."""
+    flat = {k: v for k, v in config.flatten(params.train).items() if not k.startswith("distributed.")}
+    flat["distributed"] = [distributed.world_size(), params.train.distributed.strategy, params.train.distributed.gather]
+    h = hashlib.sha256(json.dumps({"train": flat, "model": config.flatten(params.model)},
                                   sort_keys=True, default=str).encode())
     for r in train:
         h.update(r["id"].encode())
@@ -266,56 +294,93 @@ def fingerprint(params: config.Params, train: list[dict]) -> str:
 
 
 def trainable_state(state: State) -> dict:
-    return {n: p.detach().cpu().clone() for n, p in state.model.named_parameters() if p.requires_grad}
+    """Full (unsharded) trainable tensors; a collective under FSDP, so every rank calls it."""
+    return {n: distributed.full(p).detach().cpu().clone() for n, p in state.model.named_parameters() if p.requires_grad}
+
+
+def rng_state() -> dict:
+    """This process's RNG states as tensors and numbers (loadable with weights_only=True)."""
+    _, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": torch.tensor(mt, dtype=torch.int64), "python_gauss": gauss,
+            "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_pos": int(pos),
+            "numpy_gauss": [int(has_gauss), float(cached)]}
+
+
+def set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    random.setstate((3, tuple(int(x) for x in rng["python"].tolist()), rng["python_gauss"]))
+    has_gauss, cached = rng["numpy_gauss"]
+    np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), rng["numpy_pos"], int(has_gauss), cached))
 
 
 def save_checkpoint(state: State, path: Path, fp: str, extra: dict) -> None:
-    """Write atomically: a kill mid-write leaves the previous checkpoint intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Every rank calls it (RNG states and FSDP shards are gathered); rank 0 writes, atomically: a kill
+    mid-write leaves the previous checkpoint intact."""
     blob = {"fingerprint": fp, "step": state.step, "model": trainable_state(state),
-            "heads": state.heads.state_dict(), "loss_fn": state.loss_fn.state_dict(),
-            "queue": state.loss_fn.queue.cpu(), "optimizer": state.optimizer.state_dict(),
+            "heads": distributed.full_state(state.heads), "loss_fn": distributed.full_state(state.loss_fn),
+            "queue": state.loss_fn.queue.cpu(), "optimizer": distributed.optimizer_state(state.wrapped, state.optimizer),
             "scheduler": state.scheduler.state_dict(), "history": state.history,
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
-            **extra}
-    tmp = path.with_suffix(".tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
+            "rng": distributed.gather_objects([rng_state()]), **extra}
+    if distributed.rank() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(blob, tmp)
+        os.replace(tmp, path)
+    distributed.barrier()
+
+
+def read_checkpoint(path: Path) -> dict:
+    """Tensors and plain containers only: a checkpoint that holds anything else (a pickled object, which
+    could run code on loading) is refused, not run."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"checkpoint {path}: refused, it holds more than tensors and plain containers "
+                         f"({first}); delete it to start over") from None
 
 
 def load_checkpoint(state: State, path: Path, fp: str) -> dict | None:
-    """Restore `state` from `path` if it was written for the same params and data."""
+    """Restore `state` from `path` if it was written for the same params, data and number of processes."""
     if not path.is_file():
         return None
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob = read_checkpoint(path)
     if blob.get("fingerprint") != fp:
         return None
     named = dict(state.model.named_parameters())
     with torch.no_grad():
         for n, v in blob["model"].items():
-            named[n].copy_(v)
-    state.heads.load_state_dict(blob["heads"])
-    state.loss_fn.load_state_dict(blob["loss_fn"])
+            distributed.copy_full(named[n], v)
+    distributed.load_full_state(state.heads, blob["heads"])
+    distributed.load_full_state(state.loss_fn, blob["loss_fn"])
     state.loss_fn.queue = blob["queue"].to(state.device)
-    state.optimizer.load_state_dict(blob["optimizer"])
+    distributed.load_optimizer_state(state.wrapped, state.optimizer, blob["optimizer"])
     state.scheduler.load_state_dict(blob["scheduler"])
     state.step, state.history = blob["step"], blob["history"]
-    torch.set_rng_state(blob["rng"]["torch"])
-    random.setstate(blob["rng"]["python"])
-    np.random.set_state(blob["rng"]["numpy"])
+    set_rng_state(blob["rng"][distributed.rank()])
     return blob
 
 
 # ------------------------------------------------------------------------------------------ save
-def save_adapter(state: State, out: Path, params: config.Params) -> None:
+def adapter_tensors(state: State) -> tuple[dict, dict]:
+    """(PEFT state dict, heads) as full tensors: a collective under FSDP, so every rank calls it."""
+    peft_sd = {k: distributed.full(v).detach().cpu() for k, v in state.model.state_dict().items() if "lora_" in k}
+    heads = {f"heads.{k}": v.contiguous() for k, v in distributed.full_state(state.heads).items()}
+    if state.loss_fn.log_scale is not None:
+        heads["loss.log_scale"] = distributed.full(state.loss_fn.log_scale).detach().cpu().reshape(1)
+    return peft_sd, heads
+
+
+def save_adapter(state: State, out: Path, params: config.Params, tensors: tuple[dict, dict] | None = None) -> None:
     """PEFT adapter folder (+ processor, + alignment heads) that PeftModel.from_pretrained loads."""
     from safetensors.torch import save_file
 
-    state.model.save_pretrained(out)
+    peft_sd, heads = tensors or adapter_tensors(state)
+    state.model.save_pretrained(out, state_dict=peft_sd)
     state.processor.save_pretrained(out)
-    heads = {f"heads.{k}": v.contiguous() for k, v in state.heads.state_dict().items()}
-    if state.loss_fn.log_scale is not None:
-        heads["loss.log_scale"] = state.loss_fn.log_scale.detach().reshape(1)
     save_file(heads, out / "alignment_heads.safetensors")
     dataio.write_json(out / "pipeline_meta.json", {
         "base": params.model.base, "base_source": modelmod.source_of(params.model, params.paths.models),
@@ -347,14 +412,19 @@ def preflight(records: list[dict], processor, params: config.Params, model, coll
 
 
 def run(params: config.Params, train: list[dict], val: list[dict], tracker=None) -> dict:
-    """The loop: setup, pre-flight, steps (with checkpoints), evaluate each epoch, save."""
+    """The loop: setup, pre-flight, steps (with checkpoints), evaluate each epoch, save.
+
+    Under torchrun every rank runs it; `tracker` is given on rank 0 only, and rank 0 alone writes.
+    """
     t = params.train
     if not train:
         raise InputError("train: no training samples")
+    distributed.check(t.distributed, t.batch_size, distributed.world_size())
     state = setup(params, train, val)
     report = preflight(train + val, state.processor, params, state.model, state.collator)
     if not t.loss.text_grad and (t.loss.w_con or t.loss.w_mse):
-        report["anchor_seconds"] = round(state.anchor.fill(state.model, state.collator, train + val), 2)
+        with distributed.unsharded(state.wrapped):  # the anchor reads through the LM, not the root's forward
+            report["anchor_seconds"] = round(state.anchor.fill(state.model, state.collator, train + val), 2)
     models = Path(params.paths.models)
     ckpt, fp = models / "checkpoints" / "last.pt", fingerprint(params, train)
     resumed = load_checkpoint(state, ckpt, fp)
@@ -363,7 +433,8 @@ def run(params: config.Params, train: list[dict], val: list[dict], tracker=None)
     start = time.perf_counter()
     from tqdm import tqdm
 
-    bar = tqdm(total=state.total_steps, initial=state.step, desc="train", unit="step", disable=None)
+    bar = tqdm(total=state.total_steps, initial=state.step, desc="train", unit="step",
+               disable=None if distributed.rank() == 0 else True)
     for epoch in range(t.epochs):
         batches = micro_batches(state, epoch, t.seed, t.batch_size)
         for s in range(state.steps_per_epoch):
@@ -381,17 +452,23 @@ def run(params: config.Params, train: list[dict], val: list[dict], tracker=None)
                 tracker.log_step(row)
             if state.step % t.checkpoint_every == 0:
                 save_checkpoint(state, ckpt, fp, {"run_id": tracker.run_id if tracker else None})
-        if val and tracker:
-            tracker.log_metrics(evaluate(state, val, t.batch_size), state.step)
+        if val and (tracker or distributed.active()):  # every rank computes it (collectives), rank 0 logs
+            val_loss = validation_loss(state, val, t.batch_size)
+            if tracker:
+                tracker.log_metrics(val_loss, state.step)
     bar.close()
     metrics = {"steps": state.step, "seconds": round(time.perf_counter() - start, 2),
                "final": {k: v for k, v in state.history[-1].items() if k.startswith("loss/")} if state.history else {},
                "first": {k: v for k, v in state.history[0].items() if k.startswith("loss/")} if state.history else {},
-               "val": evaluate(state, val, t.batch_size) if val else {}, "preflight_passed": report["passed"],
+               "val": validation_loss(state, val, t.batch_size) if val else {}, "preflight_passed": report["passed"],
                "mlflow_run_id": tracker.run_id if tracker else None,
                "resumed_from_step": int(resumed["step"]) if resumed else None}
+    metrics["processes"] = distributed.world_size()
+    tensors = adapter_tensors(state)
+    if distributed.rank() != 0:
+        return metrics
     with dataio.atomic_dir(models / "adapter") as out:
-        save_adapter(state, out, params)
+        save_adapter(state, out, params, tensors)
     dataio.write_json(models / "train_metrics.json", metrics)
     write_steps_csv(models / "train_steps.csv", state.history)
     dataio.write_json(models / "preflight.json", report)
@@ -401,11 +478,24 @@ def run(params: config.Params, train: list[dict], val: list[dict], tracker=None)
     return metrics
 
 
-def main(params: config.Params) -> dict:
+def main(params: config.Params, argv: list[str] = ()) -> dict:
+    """The stage. With `train.distributed` asking for several processes it re-runs itself (with the
+    same `argv`) under torchrun; each rank then comes back here, joins the process group and trains."""
     split = Path(params.paths.split)
     for name in ("train.jsonl", "val.jsonl"):
         if not (split / name).is_file():
             raise InputError(f"train: {split / name} not found (run split first)")
+    d = params.train.distributed
+    if distributed.wanted(d):
+        distributed.check(d, params.train.batch_size)
+        return distributed.launch(d, ["train", *argv])
     from pipeline.tracking import Tracker
 
-    return run(params, dataio.read_jsonl(split / "train.jsonl"), dataio.read_jsonl(split / "val.jsonl"), Tracker(params))
+    distributed.init(d)
+    try:
+        tracker = Tracker(params) if distributed.rank() == 0 else None
+        metrics = run(params, dataio.read_jsonl(split / "train.jsonl"), dataio.read_jsonl(split / "val.jsonl"), tracker)
+        distributed.report_summary(metrics)
+        return metrics
+    finally:
+        distributed.close()

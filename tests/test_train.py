@@ -34,13 +34,13 @@ def test_short_run_learns_and_touches_only_trainable_parameters(params, tmp_path
     state = train.setup(p, records[:32], records[32:])
     before = {n: t.detach().clone() for n, t in state.model.named_parameters()}
     fixed = records[:8]
-    start = train.evaluate(state, fixed, 8)
+    start = train.validation_loss(state, fixed, 8)
     for epoch in range(3):
         batches = train.micro_batches(state, epoch, 0, 4)
         for b in batches:
             row = train.train_step(state, [b], p.train)
             assert all(torch.isfinite(torch.tensor(v)) for v in row.values())
-    end = train.evaluate(state, fixed, 8)
+    end = train.validation_loss(state, fixed, 8)
     for term in ("ce", "contrastive", "mse", "total"):
         assert end[f"val/{term}"] < start[f"val/{term}"], (term, start, end)
     changed = {n for n, t in state.model.named_parameters() if not torch.equal(t, before[n])}
