@@ -44,6 +44,9 @@ def check(cfg: Distributed, batch_size: int, world: int | None = None) -> None:
         if cfg.nproc_per_node < 1 or cfg.nnodes < 1 or not 0 <= cfg.node_rank < cfg.nnodes:
             raise InputError(f"train.distributed: nproc_per_node {cfg.nproc_per_node}, nnodes {cfg.nnodes}, node_rank "
                              f"{cfg.node_rank}: need nproc_per_node >= 1, nnodes >= 1 and 0 <= node_rank < nnodes")
+        host, _, port = cfg.rdzv_endpoint.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise InputError(f"train.distributed.rdzv_endpoint {cfg.rdzv_endpoint!r}: expected host:port (port 1-65535)")
         if torch.cuda.is_available():
             have, what = torch.cuda.device_count(), "GPUs"
         else:
@@ -77,7 +80,8 @@ def launch(cfg: Distributed, argv: list[str]) -> dict:
             first = json.loads(failures[0].read_text())
             err = {2: InputError, 1: CheckFailed}.get(first["exit_code"], CheckFailed)
             raise err(f"rank {first['rank']} failed: {first['error']}")
-        raise CheckFailed(f"torchrun exited with {code}; a rank died without an error of its own (killed?)")
+        raise CheckFailed(f"torchrun exited with {code} before a rank reported an error (a rank killed, or the "
+                          f"rendezvous at {cfg.rdzv_endpoint} failed: see torchrun's message above)")
 
 
 def is_rank_process() -> bool:
@@ -188,6 +192,8 @@ def no_sync(wrapped: torch.nn.Module, last: bool):
 def unsharded(wrapped: torch.nn.Module):
     """The root's own parameters gathered, for calls that bypass its forward (the caption anchor)."""
     if is_fsdp(wrapped):
+        # the root's first forward would mark it root; a block called before that would claim the role
+        wrapped._get_fsdp_state()._lazy_init()
         wrapped.unshard()
         try:
             yield

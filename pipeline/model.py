@@ -96,13 +96,18 @@ def config_sha256(cfg) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def load(source: str, quantize: bool = False, keep_vision_16bit: bool = True, dtype=torch.float32):
-    """(model, processor) from a folder or hub id; `quantize`: 4-bit NF4 base with double quantisation."""
+def load(source: str, quantize: bool = False, keep_vision_16bit: bool = True, dtype=torch.float32,
+         sharded: bool = False, device: torch.device | None = None):
+    """(model, processor) from a folder or hub id; `quantize`: 4-bit NF4 base with double quantisation;
+    `sharded`: the 4-bit data stored in `dtype` tensors, which FSDP shards like every other parameter
+    (FSDP-QLoRA). A 4-bit model is quantised where it is placed: on `device` when that is a GPU."""
     from transformers import AutoProcessor, Gemma3ForConditionalGeneration
 
     kwargs: dict = {"dtype": dtype, "attn_implementation": "eager"}
     if quantize:
-        kwargs["quantization_config"] = nf4_config(keep_vision_16bit, dtype)
+        kwargs["quantization_config"] = nf4_config(keep_vision_16bit, dtype, dtype if sharded else torch.uint8)
+        if device is not None and device.type == "cuda":
+            kwargs["device_map"] = {"": device}
     try:
         processor = AutoProcessor.from_pretrained(source)
         model = Gemma3ForConditionalGeneration.from_pretrained(source, **kwargs)
@@ -117,7 +122,7 @@ def load(source: str, quantize: bool = False, keep_vision_16bit: bool = True, dt
     return model, processor
 
 
-def nf4_config(keep_vision_16bit: bool, dtype):
+def nf4_config(keep_vision_16bit: bool, dtype, storage=torch.uint8):
     """QLoRA's quantisation: NF4 weights, double quantisation; optionally vision tower + projector left out."""
     try:
         import bitsandbytes  # noqa: F401
@@ -127,7 +132,8 @@ def nf4_config(keep_vision_16bit: bool, dtype):
     # transformers matches these from the start of the module name (as regexes) or as suffixes
     skip = [f".*{m}" for m in VISION_MODULES] + ["lm_head"] if keep_vision_16bit else ["lm_head"]
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=skip)
+                              bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=storage,
+                              llm_int8_skip_modules=skip)
 
 
 def target_modules(model: nn.Module, names: tuple[str, ...], include_vision: bool) -> list[str]:

@@ -200,7 +200,7 @@ def load_model(params: config.Params, device, dtype):
     if params.model.base == modelmod.BUILTIN and not Path(source).is_dir():
         raise InputError(f"model.base: the built-in base model is missing at {source} (run `python -m pipeline base`)")
     model, processor = modelmod.load(source, quantize=cfg.method == "qlora", keep_vision_16bit=cfg.keep_vision_16bit,
-                                     dtype=dtype)
+                                     dtype=dtype, sharded=params.train.distributed.strategy == "fsdp", device=device)
     if cfg.method != "qlora":
         model.to(device)
     model = modelmod.apply_peft(model, cfg, adapter_name=cfg.adapter_name)

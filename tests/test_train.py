@@ -143,13 +143,13 @@ def test_killed_run_resumes_from_its_checkpoint_and_ends_the_same(params, tmp_pa
     ckpt = b / "models" / "checkpoints" / "last.pt"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if ckpt.exists() and torch.load(ckpt, weights_only=False)["step"] >= 4:
+        if ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] >= 4:
             break
         time.sleep(0.05)
     assert proc.poll() is None, "training ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = torch.load(ckpt, weights_only=False)["step"]
+    killed_at = torch.load(ckpt, weights_only=True)["step"]
     assert 4 <= killed_at < 10 and not (b / "models" / "adapter").exists()
     r = subprocess.run(_train_cmd(b), cwd=b, env=env_b, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -180,6 +180,46 @@ def test_killed_run_resumes_from_its_checkpoint_and_ends_the_same(params, tmp_pa
     assert run.data.params["train.peft.method"] == "lora"
     arts = {f.path for f in client.list_artifacts(run.info.run_id)}
     assert {"preflight.json", "adapter", "train_steps.csv"} <= arts
+
+
+class _Payload:
+    """A pickled object that runs a command when it is unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_not_run(params, tmp_path, base_dir, records):
+    env = _prepare(params, tmp_path, base_dir, records)
+    ckpt = tmp_path / "models" / "checkpoints" / "last.pt"
+    ckpt.parent.mkdir(parents=True)
+    marker = tmp_path / "ran"
+    torch.save({"fingerprint": "x", "step": 3, "model": {}, "payload": _Payload(marker)}, ckpt)
+    r = subprocess.run(_train_cmd(tmp_path), cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"checkpoint {ckpt}: refused" in r.stderr
+    assert not marker.exists() and not (tmp_path / "models" / "adapter").exists()
+
+
+def test_checkpoint_rng_states_round_trip_as_tensors():
+    import random
+
+    import numpy as np
+
+    random.seed(3)
+    np.random.seed(4)
+    torch.manual_seed(5)
+    np.random.normal()  # a cached Gaussian in numpy's state
+    saved = train.rng_state()
+    expect = (random.random(), float(np.random.normal()), float(torch.rand(1)))
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    train.set_rng_state(saved)
+    assert (random.random(), float(np.random.normal()), float(torch.rand(1))) == expect
 
 
 @pytest.mark.slow
