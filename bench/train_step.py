@@ -8,12 +8,19 @@ bench/gpu_train.py). Each variant runs in its own process so that its peak memor
 max allocated on a GPU) is its own. Prints a table and the ratios; saves bench/results/train_step.json.
 
     python bench/train_step.py [--steps 20] [--batch 8] [--warmup 3]
+
+With `--nproc N` it measures data parallelism instead: trainer (a) under torchrun with 1, 2, ... N
+processes (DDP, gloo on the CPU, NCCL on GPUs; the global batch split over the ranks, contrastive
+embeddings gathered), and saves bench/results/train_step_nproc.json.
+
+    python bench/train_step.py --nproc 2 [--steps 20] [--batch 8]
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -25,7 +32,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from pipeline import base, config, curate, data as dataio, synth, train  # noqa: E402
+from pipeline import base, config, curate, data as dataio, distributed, synth, train  # noqa: E402
 
 VARIANTS = {"a": "ours, three-part loss", "b": "ours, cross-entropy only", "c": "TRL SFTTrainer, Gemma 3 recipe"}
 
@@ -134,13 +141,72 @@ def run_trl(p: config.Params, records: list[dict], steps: int, warmup: int, batc
 def child(variant: str, work: Path, steps: int, warmup: int, batch: int) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     p = config.load(work / "params.yaml")
+    distributed.init(p.train.distributed)  # a no-op unless torchrun started this child
     records = dataio.read_jsonl(work / "records.jsonl")
     if variant == "c":
         r = run_trl(p, records, steps, warmup, batch, work)
     else:
         r = run_ours(p, records, steps, warmup, batch, ce_only=variant == "b")
     r["peak_memory_mb"] = round(peak_memory_mb(), 1)
-    print("RESULT " + json.dumps(r))
+    r["processes"] = distributed.world_size()
+    if distributed.rank() == 0:
+        print("RESULT " + json.dumps(r))
+    distributed.close()
+
+
+def scaling(work: Path, args) -> None:
+    """Trainer (a) under torchrun with 1..N processes on this machine, the same global batch; the
+    process counts alternate, `--repeats` rounds, so that a slow spell of the machine hits all of them."""
+    import statistics
+
+    cores = len(os.sched_getaffinity(0))
+    rounds = [{n: one_scaling_run(work, args, n, cores) for n in range(1, args.nproc + 1)} for _ in range(args.repeats)]
+    results = {}
+    for n in rounds[0]:
+        runs = [r[n] for r in rounds]
+        rates = [r["samples_per_s"] for r in runs]
+        results[n] = {**runs[0], "samples_per_s": statistics.mean(rates),
+                      "samples_per_s_sd": statistics.stdev(rates) if len(rates) > 1 else 0.0,
+                      "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in runs),
+                      "peak_memory_mb": max(r["peak_memory_mb"] for r in runs), "runs": runs}
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {cores} cores"
+    print(f"device: {device}; global batch {args.batch}; {args.steps} timed steps after {args.warmup} warm-up; "
+          f"trainer (a), DDP; mean ± sd of {args.repeats} alternating rounds")
+    print(f"{'processes':>10}{'threads each':>14}{'samples/s':>18}{'tokens/s':>10}{'peak MiB (rank 0)':>19}")
+    for n, r in results.items():
+        rate = f"{r['samples_per_s']:.1f} ± {r['samples_per_s_sd']:.1f}"
+        print(f"{n:>10}{r['threads_per_process']:>14}{rate:>18}{r['tokens_per_s']:>10.0f}{r['peak_memory_mb']:>19.0f}")
+    speedup = {n: r["samples_per_s"] / results[1]["samples_per_s"] for n, r in results.items()}
+    print("speed-up over one process: " + ", ".join(f"{n}: {v:.2f}x" for n, v in speedup.items()))
+    out = Path(args.out).with_name("train_step_nproc.json") if args.out.endswith("train_step.json") else Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": device, "batch": args.batch, "steps": args.steps, "repeats": args.repeats,
+                               "results": results, "speedup": speedup}, indent=2))
+
+
+def one_scaling_run(work: Path, args, n: int, cores: int) -> dict:
+    """One torchrun job of trainer (a) with `n` processes, the cores shared out among them."""
+    threads = max(1, cores // n)  # the cores shared out: n processes x threads <= cores
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{free_port()}", __file__, "--child", "a", "--work", str(work),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=work, env=env)
+    line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+    if not line:
+        raise SystemExit(f"{n} processes failed:\n{out.stderr[-4000:]}")
+    r = json.loads(line[0][7:])
+    r.update(threads_per_process=threads, samples_per_s=r["samples"] / r["seconds"],
+             tokens_per_s=r["tokens"] / r["seconds"])
+    return r
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def main() -> None:
@@ -149,6 +215,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--n", type=int, default=240)
+    ap.add_argument("--nproc", type=int, default=0, help="measure DDP with 1..N processes instead")
+    ap.add_argument("--repeats", type=int, default=3, help="--nproc: alternating rounds (mean ± sd)")
     ap.add_argument("--child", choices=list(VARIANTS))
     ap.add_argument("--work")
     ap.add_argument("--out", default=str(ROOT / "bench/results/train_step.json"))
@@ -160,6 +228,8 @@ def main() -> None:
         p = prepare(work, config.load(ROOT / "params.yaml"), args.n)
         raw = json.loads(json.dumps(dataclasses.asdict(p)))
         (work / "params.yaml").write_text(json.dumps(raw))  # JSON is YAML
+        if args.nproc:
+            return scaling(work, args)
         results = {}
         for v in VARIANTS:
             cmd = [sys.executable, __file__, "--child", v, "--work", str(work), "--steps", str(args.steps),

@@ -184,7 +184,8 @@ class Loss:
 class Distributed:
     """Data parallelism across processes (torchrun); `train.batch_size` is the global micro-batch."""
 
-    nproc_per_node: int = 1        # > 1 (or nnodes > 1): `train` starts the processes itself through torchrun
+    nproc_per_node: int = 1        # > 1 (or nnodes > 1): `train` starts the processes itself through torchrun;
+                                   # 0: one per GPU of the node (one on a machine without)
     nnodes: int = 1
     node_rank: int = 0             # this node's place (0 on the node whose address is rdzv_endpoint)
     rdzv_endpoint: str = "127.0.0.1:29500"  # c10d rendezvous: host:port of node 0, the same on every node

@@ -32,18 +32,23 @@ _LOSS_GROUP = None
 
 
 # ------------------------------------------------------------------------------------------ launch
+def nproc(cfg: Distributed) -> int:
+    """Processes on this node: `nproc_per_node`, or with 0 one per GPU (one on a machine without)."""
+    return cfg.nproc_per_node or max(1, torch.cuda.device_count())
+
+
 def wanted(cfg: Distributed) -> bool:
     """True when the params ask for more than one process and this process is not one of them yet."""
-    return cfg.nproc_per_node * cfg.nnodes > 1 and "RANK" not in os.environ
+    return nproc(cfg) * cfg.nnodes > 1 and "RANK" not in os.environ
 
 
 def check(cfg: Distributed, batch_size: int, world: int | None = None) -> None:
     """Refuse, before any work, what cannot run: more processes than devices (or CPU cores) on this node,
     a global micro-batch that does not split evenly over the processes."""
     if world is None:
-        if cfg.nproc_per_node < 1 or cfg.nnodes < 1 or not 0 <= cfg.node_rank < cfg.nnodes:
+        if cfg.nproc_per_node < 0 or cfg.nnodes < 1 or not 0 <= cfg.node_rank < cfg.nnodes:
             raise InputError(f"train.distributed: nproc_per_node {cfg.nproc_per_node}, nnodes {cfg.nnodes}, node_rank "
-                             f"{cfg.node_rank}: need nproc_per_node >= 1, nnodes >= 1 and 0 <= node_rank < nnodes")
+                             f"{cfg.node_rank}: need nproc_per_node >= 0 (0: one per GPU), nnodes >= 1 and 0 <= node_rank < nnodes")
         host, _, port = cfg.rdzv_endpoint.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise InputError(f"train.distributed.rdzv_endpoint {cfg.rdzv_endpoint!r}: expected host:port (port 1-65535)")
@@ -51,12 +56,12 @@ def check(cfg: Distributed, batch_size: int, world: int | None = None) -> None:
             have, what = torch.cuda.device_count(), "GPUs"
         else:
             have, what = len(os.sched_getaffinity(0)), "CPU cores"
-        if cfg.nproc_per_node > have:
+        if nproc(cfg) > have:
             raise InputError(f"train.distributed.nproc_per_node is {cfg.nproc_per_node} but this node has {have} {what}")
-        world = cfg.nproc_per_node * cfg.nnodes
+        world = nproc(cfg) * cfg.nnodes
     if batch_size % world:
         raise InputError(f"train.batch_size {batch_size} (the global micro-batch) is not divisible by the {world} "
-                         f"processes (train.distributed: nproc_per_node {cfg.nproc_per_node} x nnodes {cfg.nnodes})")
+                         f"processes (train.distributed: nproc_per_node {nproc(cfg)} x nnodes {cfg.nnodes})")
 
 
 def launch(cfg: Distributed, argv: list[str]) -> dict:
@@ -66,7 +71,7 @@ def launch(cfg: Distributed, argv: list[str]) -> dict:
     raised here, so the CLI exits as the rank did (2 bad input, 1 failed check, ...).
     """
     with tempfile.TemporaryDirectory(prefix="pipeline-ranks-") as status:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={cfg.nproc_per_node}",
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc(cfg)}",
                f"--nnodes={cfg.nnodes}", f"--node-rank={cfg.node_rank}", "--rdzv-backend=c10d",
                f"--rdzv-endpoint={cfg.rdzv_endpoint}", f"--rdzv-id={cfg.rdzv_id}", "--max-restarts=0",
                "-m", "pipeline", *argv]

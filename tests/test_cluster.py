@@ -23,6 +23,7 @@ import requests
 import yaml
 
 from conftest import BIN, ROOT, make_clone, run_ok, loop_project_params
+from test_distributed import free_port
 
 
 def _reachable(host: str, port: int) -> bool:
@@ -97,6 +98,9 @@ def scenario(tmp_path_factory):
     p = loop_project_params(yaml.safe_load((repo / "params.yaml").read_text()))
     # long enough to be killed mid-run (QLoRA on the CPU), with frequent checkpoints
     p["train"].update(max_steps=150, checkpoint_every=5)
+    # ... on two processes (DDP, gloo): the training worker's task starts torchrun, and the retry after the
+    # kill resumes both ranks from the one checkpoint
+    p["train"]["distributed"].update(nproc_per_node=2, rdzv_endpoint=f"127.0.0.1:{free_port()}")
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     remote = tmp / "dvc-remote"
     run_ok(["dvc", "remote", "modify", "--local", "shared", "url", str(remote)], repo, env)
@@ -209,7 +213,7 @@ def test_worker_killed_during_train_the_retry_resumes_from_the_checkpoint(scenar
     assert killed, "train finished before a checkpoint could be caught: no kill happened"
     assert killed["step"] > 0 and tasks["repro"]["try_number"] >= 2
     assert metrics["resumed_from_step"] is not None and metrics["resumed_from_step"] >= killed["step"]
-    assert metrics["steps"] == 150
+    assert metrics["steps"] == 150 and metrics["processes"] == 2  # both ranks of the torchrun job resumed
     assert metrics["mlflow_run_id"] == killed["run_id"]  # the same MLflow run, continued
 
 

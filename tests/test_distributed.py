@@ -174,6 +174,9 @@ def test_settings_that_cannot_run_are_refused_before_any_work(tmp_path, base_dir
         distributed.check(_cfg(nproc_per_node=2, nnodes=2), 6)
     with pytest.raises(InputError, match="node_rank"):
         distributed.check(_cfg(nnodes=2, node_rank=2), 8)
+    with pytest.raises(InputError, match="rdzv_endpoint"):
+        distributed.check(_cfg(nproc_per_node=2, rdzv_endpoint="127.0.0.1:99999"), 8)
+    assert distributed.nproc(_cfg(nproc_per_node=0)) == max(1, torch.cuda.device_count())  # 0: one per GPU
     env = project(tmp_path, base_dir, records, batch_size=7)
     r = subprocess.run(train_cmd(tmp_path, "nproc_per_node=2"), cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 2 and "not divisible by the 2 processes" in r.stderr
