@@ -42,7 +42,7 @@ def one(variant: str, seed: int, overrides: list[str], split: str, base: str, wo
 
     torch.set_num_threads(2)
     sys.path.insert(0, str(ROOT))
-    from pipeline import config, data as dataio, evaluate, train
+    from pipeline import config, data as dataio, scoring, train
 
     models = work / "models"
     models.mkdir(parents=True, exist_ok=True)
@@ -53,8 +53,8 @@ def one(variant: str, seed: int, overrides: list[str], split: str, base: str, wo
                                            f"evaluate.seed={seed}", *overrides, *extra])
     start = time.perf_counter()
     tm = train.run(p, dataio.read_jsonl(Path(split) / "train.jsonl"), dataio.read_jsonl(Path(split) / "val.jsonl"))
-    sets, mm = evaluate.load_sets(p)
-    m, _ = evaluate.evaluate_adapter(models / "adapter", sets, mm, p)
+    sets, mm = scoring.load_sets(p)
+    m, _ = scoring.evaluate_adapter(models / "adapter", sets, mm, p)
     return {"variant": variant, "seed": seed, "f1_macro": m["f1_macro"],
             "ignore_rate": m["image_reliance"]["ignore_rate"], "mismatch_auroc": m["mismatch_auroc"],
             "r@1": m["retrieval"]["r@1"], "f1_per_class": m["f1_per_class"], "steps": tm["steps"],

@@ -121,7 +121,8 @@ def run_ours(path: str, steps: int, warmup: int, device, dtype, image_size: int)
     from pipeline import losses
     from pipeline.config import Peft
     from pipeline.model import AlignmentHeads, apply_peft
-    from pipeline.train import TextAnchor, forward_terms, param_groups
+    from pipeline.model import TextAnchor
+    from pipeline.train import forward_terms, param_groups
     from pipeline.config import Lr
 
     model = load_quantized(path, keep_vision=True, dtype=dtype)

@@ -64,13 +64,17 @@ def dvc(*args: str) -> subprocess.CompletedProcess:
     return run([str(Path(PYTHON).parent / "dvc"), "--wait-for-lock", *args])
 
 
-def params() -> dict:
-    import yaml
-
-    return yaml.safe_load((PROJECT / "params.yaml").read_text()) or {}
-
-
 def last_json(text: str) -> dict:
-    """The JSON summary a pipeline command prints last on stdout."""
-    start = text.find("{")
-    return json.loads(text[start:]) if start >= 0 else {}
+    """The JSON summary a pipeline command prints last on stdout: the last object that runs to the end of
+    the output (log lines and earlier objects may come before it)."""
+    decoder = json.JSONDecoder()
+    start = text.rfind("{")
+    while start >= 0:
+        try:
+            obj, end = decoder.raw_decode(text, start)
+            if isinstance(obj, dict) and not text[end:].strip():
+                return obj
+        except json.JSONDecodeError:
+            pass
+        start = text.rfind("{", 0, start)
+    return {}

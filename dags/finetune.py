@@ -43,22 +43,22 @@ def finetune():
         return last_json(pipeline("ingest", "--batch", batch).stdout)
 
     @task(pool=DVC_POOL, queue=TRAIN_QUEUE, retries=RETRIES + 1)
-    def repro(ingested: dict) -> str:
+    def repro() -> str:
         # a killed worker's retry resumes training from models/checkpoints/last.pt
         return dvc("repro").stdout[-2000:]
 
     @task(pool=DVC_POOL)
-    def publish(_: str) -> dict:
+    def publish() -> dict:
         return last_json(pipeline("publish", "--message", "finetune: re-fine-tuned on a drifted batch").stdout)
 
     @task
-    def promote(_: dict) -> dict:
+    def promote() -> dict:
         r = pipeline("promote", ok=(0, 1))
         if r.returncode == 1:
             return {"decision": "not promoted: gates failed", "detail": r.stderr.strip()[-2000:]}
         return last_json(r.stdout)
 
-    promote(publish(repro(ingest())))
+    ingest() >> repro() >> publish() >> promote()
 
 
 finetune()

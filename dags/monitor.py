@@ -1,5 +1,5 @@
 """DAG `monitor`: nightly drift check of every new batch in `paths.incoming`, then `finetune` for each
-batch whose drift crosses the thresholds (DESIGN §8). Wiring only: each task runs `python -m pipeline`.
+batch whose drift crosses the thresholds (docs/design.md §8). Wiring only: each task runs `python -m pipeline`.
 
 find_batches -> check (one mapped task per batch) -> decide (branch) -> drifted -> trigger_finetune
                                                                      \\-> no_drift
@@ -16,7 +16,7 @@ from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOpe
 from airflow.sdk import dag, task
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common.py sits beside this file
-from _common import DEFAULT_ARGS, MONITOR_SCHEDULE, PROJECT, last_json, params, pipeline  # noqa: E402
+from _common import DEFAULT_ARGS, MONITOR_SCHEDULE, last_json, pipeline  # noqa: E402
 
 
 @dag(dag_id="monitor", schedule=MONITOR_SCHEDULE, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False,
@@ -24,13 +24,7 @@ from _common import DEFAULT_ARGS, MONITOR_SCHEDULE, PROJECT, last_json, params, 
 def monitor():
     @task
     def find_batches() -> list[str]:
-        p = params().get("paths", {})
-        incoming = PROJECT / p.get("incoming", "data/incoming")
-        reports = PROJECT / p.get("reports", "reports")
-        if not incoming.is_dir():
-            return []
-        return [str(b) for b in sorted(incoming.iterdir())
-                if b.is_dir() and not (reports / "drift" / b.name / "drift.json").is_file()]
+        return last_json(pipeline("monitor", "--pending").stdout).get("pending", [])
 
     @task(max_active_tis_per_dag=1)
     def check(batch: str) -> dict:

@@ -1,4 +1,4 @@
-"""Command line: `python -m pipeline <command>` (DESIGN §10).
+"""Command line: `python -m pipeline <command>` (docs/design.md §10).
 
 Exit status: 0 success, 1 a gate or check failed, 2 unusable input or configuration, 3 a service (the
 MLflow tracking server) could not be reached: worth a retry.
@@ -6,13 +6,16 @@ MLflow tracking server) could not be reached: worth a retry.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from pipeline import config
-from pipeline.errors import CheckFailed, InputError, ServiceUnavailable
+from pipeline.errors import CheckFailed, DriftFound, InputError, ServiceUnavailable
 
 SYNTH_FLAGS = {  # flag -> params key under synth
     "n": "n", "seed": "seed", "image_size": "image_size", "site": "site", "camera": "camera",
@@ -23,6 +26,54 @@ SYNTH_FLAGS = {  # flag -> params key under synth
 }
 
 
+@dataclass(frozen=True)
+class Command:
+    """One command: its help, its own options, and how it calls its stage's `main`."""
+
+    help: str
+    options: tuple[tuple[tuple[str, ...], dict], ...] = ()
+    call: Callable[[config.Params, argparse.Namespace], dict] | None = None  # None: `main(params)`
+
+
+BATCH = (("--batch",), {"required": True, "help": "batch folder, e.g. data/incoming/2026-11-27"})
+COMMANDS: dict[str, Command] = {
+    "synth": Command("generate the synthetic lesion benchmark",
+                     ((("--out",), {"help": "dataset folder to write (default: paths.raw)"}),
+                      *(((f"--{f.replace('_', '-')}",), {"dest": f, "default": None}) for f in SYNTH_FLAGS))),
+    "curate": Command("accept or quarantine every row"),
+    "split": Command("patient-grouped, stratified train/val/test split"),
+    "base": Command("build and pre-train the built-in tiny Gemma 3"),
+    "train": Command("PEFT fine-tune with the three-part alignment loss (torchrun when train.distributed asks)",
+                     call=lambda p, a: _stage("train").main(p, ["--params", a.params, *[f"--set={o}" for o in a.overrides]])),
+    "evaluate": Command("F1, image reliance, mismatch robustness, bias, gates"),
+    "promote": Command("register the adapter; move 'champion' if it earns it",
+                       ((("--rollback",), {"action": "store_true", "help": "give 'champion' back to 'previous'"}),),
+                       lambda p, a: _stage("promote").main(p, a.rollback)),
+    "monitor": Command("drift check of an incoming batch (exit 1: retrain); --pending: the batches not yet checked",
+                       ((("--batch",), {"help": BATCH[1]["help"]}),
+                        (("--pending",), {"action": "store_true", "help": "list the unchecked batches (JSON)"})),
+                       lambda p, a: _monitor(p, a)),
+    "ingest": Command("add a labelled batch to the training data", (BATCH,),
+                      lambda p, a: _stage("ingest").main(p, a.batch, a.params)),
+    "publish": Command("commit the DVC metadata and push to the DVC remote",
+                       ((("--message",), {"default": None, "help": "git commit message"}),),
+                       lambda p, a: _stage("publish").main(p, a.message)),
+}
+
+
+def _stage(name: str):
+    return importlib.import_module(f"pipeline.{name}")
+
+
+def _monitor(params: config.Params, args: argparse.Namespace) -> dict:
+    monitor = _stage("monitor")
+    if args.pending:
+        return {"pending": monitor.pending(params)}
+    if not args.batch:
+        raise InputError("monitor: --batch DIR (or --pending) is required")
+    return monitor.main(params, args.batch)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -30,23 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     common.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one key, e.g. --set split.seed=3 (value read as YAML)")
-    s = sub.add_parser("synth", parents=[common], help="generate the synthetic lesion benchmark")
-    s.add_argument("--out", help="dataset folder to write (default: paths.raw)")
-    for flag in SYNTH_FLAGS:
-        s.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None)
-    sub.add_parser("curate", parents=[common], help="accept or quarantine every row")
-    sub.add_parser("split", parents=[common], help="patient-grouped, stratified train/val/test split")
-    sub.add_parser("base", parents=[common], help="build and pre-train the built-in tiny Gemma 3")
-    sub.add_parser("train", parents=[common], help="PEFT fine-tune with the three-part alignment loss")
-    sub.add_parser("evaluate", parents=[common], help="F1, image reliance, mismatch robustness, bias, gates")
-    pr = sub.add_parser("promote", parents=[common], help="register the adapter; move 'champion' if it earns it")
-    pr.add_argument("--rollback", action="store_true", help="give 'champion' back to the 'previous' version")
-    mo = sub.add_parser("monitor", parents=[common], help="drift check of an incoming batch (exit 1: retrain)")
-    mo.add_argument("--batch", required=True, help="batch folder, e.g. data/incoming/2026-11-27")
-    ig = sub.add_parser("ingest", parents=[common], help="add a labelled batch to the training data")
-    ig.add_argument("--batch", required=True, help="batch folder, e.g. data/incoming/2026-11-27")
-    pu = sub.add_parser("publish", parents=[common], help="commit the DVC metadata and push to the DVC remote")
-    pu.add_argument("--message", default=None, help="git commit message")
+    for name, cmd in COMMANDS.items():
+        sp = sub.add_parser(name, parents=[common], help=cmd.help)
+        for flags, kw in cmd.options:
+            sp.add_argument(*flags, **kw)
     return p
 
 
@@ -89,25 +127,14 @@ def run(argv: list[str] | None = None) -> int:
             summary = _synth(args, None)
         else:
             params = config.load(args.params, args.overrides)
-            module = __import__(f"pipeline.{args.command}", fromlist=["main"])
-            if args.command == "promote":
-                summary = module.main(params, args.rollback)
-            elif args.command == "monitor":
-                summary = module.main(params, args.batch)
-            elif args.command == "ingest":
-                summary = module.main(params, args.batch, args.params)
-            elif args.command == "publish":
-                summary = module.main(params, args.message)
-            elif args.command == "train":  # the argv again, for the ranks when it starts torchrun
-                summary = module.main(params, ["--params", args.params, *[f"--set={o}" for o in args.overrides]])
-            else:
-                summary = module.main(params)
+            call = COMMANDS[args.command].call or (lambda p, a: _stage(a.command).main(p))
+            summary = call(params, args)
     except (InputError, ServiceUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         _report_to_launcher(e.exit_code, str(e))
         return e.exit_code
     except CheckFailed as e:
-        if type(e).__name__ == "DriftFound":
+        if isinstance(e, DriftFound):
             print(str(e))  # the summary, on stdout like any other
             print("drift: thresholds crossed, retraining called for", file=sys.stderr)
         else:

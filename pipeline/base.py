@@ -2,15 +2,14 @@
 
 No pretrained weights can be downloaded here, so the built-in model first learns generic image-text
 grounding on procedurally drawn shapes ("a large red circle and a small black square on a light
-background"): colour and shape words tied to pixels, which transfer to lesion colours and borders.
-It never sees the benchmark's images. The tokenizer is trained on those captions, on lesion-style
-captions drawn from other seeds, and on the prompts; the language model also reads those lesion-style
-captions text-only (in the chat format, with no image), as a foundation model has read dermatology text
-before it is fine-tuned on images. A Hugging Face id in `model.base` skips this stage.
+background"): colour and shape words tied to pixels. It never sees a dataset's images. The tokenizer is
+trained on those captions, on the captions of the dataset's *training* split and on the prompts; the
+language model also reads those training captions text-only (in the chat format, with no image), as a
+foundation model has read its field's literature before it is fine-tuned on images. Validation and test
+captions are never read. A Hugging Face id in `model.base` skips this stage.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -18,15 +17,17 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from pipeline import chat, config, data as dataio, model as modelmod, synth
+from pipeline import chat, config, data as dataio, model as modelmod
 from pipeline.collate import Collator
-from pipeline.train import answer_ce, schedule, to_device
+from pipeline.model import answer_ce, to_device
+from pipeline.optim import schedule
 
 SHAPE_COLOURS = {"white": (236, 234, 228), "red": (184, 58, 60), "light brown": (176, 122, 80),
                  "dark brown": (96, 56, 34), "blue-grey": (104, 120, 142), "black": (28, 24, 24)}
 SHAPES = ("circle", "square", "triangle", "ring")
 BACKGROUNDS = {"light": (225, 200, 180), "dark": (110, 80, 60)}
 PROMPT = "Describe the image."
+TOKENIZER_SEED = 0  # the tokenizer's corpus does not move with base.seed: a re-pre-trained base keeps its config
 
 
 def draw_shapes(rng: np.random.Generator, size: int) -> tuple[Image.Image, str]:
@@ -65,17 +66,23 @@ def generic_samples(n: int, seed: int, size: int, system_prompt: str) -> list[di
     return out
 
 
-def lesion_captions(params: config.Params) -> list[str]:
-    """Lesion-style captions drawn with another seed than the benchmark's (text only: no image is drawn)."""
-    cfg = dataclasses.replace(params.synth, n=params.base.corpus_captions, seed=10_000 + params.base.seed)
-    return [synth.caption_of(l) for l in synth.plan_lesions(cfg, params.data.labels)]
+def domain_captions(params: config.Params) -> list[str]:
+    """The distinct captions of the training split (at most `base.corpus_captions`, in a seeded order);
+    none before a split exists. Never the validation or test split."""
+    train = Path(params.paths.split) / "train.jsonl"
+    if not train.is_file():
+        return []
+    captions = sorted({chat.answer(r["messages"]).strip() for r in dataio.read_jsonl(train)})
+    order = np.random.default_rng([TOKENIZER_SEED, 7]).permutation(len(captions))
+    return [captions[i] for i in order[: params.base.corpus_captions]]
 
 
-def corpus(params: config.Params, samples: list[dict]) -> list[str]:
-    """Text for the tokenizer: generic captions, lesion-style captions from other seeds, the prompts."""
-    lesion = lesion_captions(params)
-    prompts = [params.data.prompt, params.data.system_prompt, PROMPT] + list(synth.VAGUE_CAPTIONS)
-    return [chat.answer(s["messages"]) for s in samples] + lesion + prompts * 20
+def corpus(params: config.Params, domain: list[str]) -> list[str]:
+    """Text for the tokenizer: generic captions (drawn with TOKENIZER_SEED, on 8-px images: only the
+    words matter), the training split's captions, the prompts."""
+    generic = generic_samples(params.base.images, TOKENIZER_SEED, 8, params.data.system_prompt)
+    prompts = [params.data.prompt, params.data.system_prompt, PROMPT]
+    return [chat.answer(s["messages"]) for s in generic] + domain + prompts * 20
 
 
 def text_only(processor, captions: list[str], prompt: str, system_prompt: str) -> list[tuple[list[int], list[int]]]:
@@ -140,9 +147,10 @@ def main(params: config.Params) -> dict:
         return {"skipped": f"model.base is {params.model.base!r}: loaded as is by train"}
     torch.manual_seed(params.base.seed)
     samples = generic_samples(params.base.images, params.base.seed, params.model.image_size, params.data.system_prompt)
-    model, processor = modelmod.build_builtin(params.model, corpus(params, samples), params.base.seed)
+    domain = domain_captions(params)
+    model, processor = modelmod.build_builtin(params.model, corpus(params, domain), params.base.seed)
     start = time.perf_counter()
-    text = text_only(processor, lesion_captions(params), params.data.prompt, params.data.system_prompt)
+    text = text_only(processor, domain, params.data.prompt, params.data.system_prompt)
     text_history: list[float] = []
     history = pretrain(model, processor, samples, params.base, text, text_history)
     with dataio.atomic_dir(Path(params.paths.models) / "base") as out:
@@ -153,5 +161,7 @@ def main(params: config.Params) -> dict:
                    "text_loss_first": text_history[0] if text_history else None,
                    "text_loss_last": float(np.mean(text_history[-10:])) if text_history else None,
                    "seconds": round(time.perf_counter() - start, 1)}
+        summary["weights_sha256"] = modelmod.store_weights_sha256(out)
+        summary["domain_captions"] = len(domain)
         dataio.write_json(out / "pretrain.json", summary)
     return summary

@@ -1,4 +1,4 @@
-"""Samples as Hugging Face chat messages (DESIGN §4): image first, then the prompt; the caption answers."""
+"""Samples as Hugging Face chat messages (docs/design.md §4): image first, then the prompt; the caption answers."""
 from __future__ import annotations
 
 import re

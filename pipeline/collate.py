@@ -1,4 +1,4 @@
-"""Turning chat samples into model batches, with the loss on the assistant answer only (DESIGN §4)."""
+"""Turning chat samples into model batches, with the loss on the assistant answer only (docs/design.md §4)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

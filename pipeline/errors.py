@@ -1,4 +1,4 @@
-"""The two kinds of failure a stage reports, mapped to the exit codes of DESIGN §10."""
+"""The two kinds of failure a stage reports, mapped to the exit codes of docs/design.md §10."""
 
 
 class InputError(Exception):
@@ -17,3 +17,7 @@ class ServiceUnavailable(Exception):
     """A service (the MLflow server, a DVC remote) could not be reached: exit status 3, worth a retry."""
 
     exit_code = 3
+
+
+class DriftFound(CheckFailed):
+    """`monitor`: thresholds crossed, retraining called for: exit status 1, the summary on stdout."""

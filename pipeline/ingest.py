@@ -22,7 +22,7 @@ import hashlib
 import shutil
 from pathlib import Path
 
-from pipeline import config, data as dataio
+from pipeline import checks, config, data as dataio, vcs
 from pipeline.errors import InputError
 
 
@@ -36,13 +36,11 @@ def patient_holdout(patients: list[str], share: float, seed: int) -> set[str]:
 
 
 def _write_part(rows: list[dict], src: Path, dst: Path) -> None:
-    from pipeline.curate import resolve_inside
-
     (dst / "images").mkdir(parents=True, exist_ok=True)
     out = []
     for r in rows:
         image = r.get("image", "").strip()
-        path = resolve_inside(src, image) if image else None
+        path = checks.resolve_inside(src, image) if image else None
         if path is not None and path.is_file():
             rel = f"images/{path.name}"
             shutil.copy2(path, dst / rel)
@@ -54,6 +52,16 @@ def _write_part(rows: list[dict], src: Path, dst: Path) -> None:
         w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
         w.writeheader()
         w.writerows(out)
+
+
+def drop_training_duplicates(held: list[dict], held_images: list[Path], train_rows: list[dict], src: Path,
+                             max_bits: int) -> tuple[list[dict], int]:
+    """The held-out samples without those whose image is an exact or near duplicate of a training-part
+    image (the same lesion photographed twice would leak into the evaluation); and how many went."""
+    paths = [checks.resolve_inside(src, r.get("image", "").strip()) for r in train_rows]
+    train = checks.image_hashes([p for p in paths if p is not None and p.is_file()], skip_unreadable=True)
+    dup = checks.duplicates_of(train, checks.image_hashes(held_images), max_bits)
+    return [r for r, d in zip(held, dup) if not d], int(dup.sum())
 
 
 def update_params(path: Path, batch: str, held_out: str, old_test: str, method: str) -> None:
@@ -81,8 +89,6 @@ def update_params(path: Path, batch: str, held_out: str, old_test: str, method: 
 
 
 def main(params: config.Params, batch: str, params_file: str = "params.yaml") -> dict:
-    from pipeline import curate
-
     src = Path(batch)
     if not src.is_dir():
         raise InputError(f"ingest: batch folder {src} not found")
@@ -108,19 +114,22 @@ def main(params: config.Params, batch: str, params_file: str = "params.yaml") ->
         _write_part(held_rows, src, out)
         cfg = dataclasses.replace(params.curate, mismatch=dataclasses.replace(
             params.curate.mismatch, enabled=False))
-        result = curate.run(dataio.read_manifest(out / "manifest.csv"), out, cfg, params.data,
-                            image_prefix=str(eval_dst))
-        dataio.write_jsonl(out / "samples.jsonl", result.accepted)
+        result = checks.curate_rows(dataio.read_manifest(out / "manifest.csv"), out, cfg, params.data,
+                                    image_prefix=str(eval_dst))
+        # (the accepted images are referenced at eval_dst, where they land once this folder is complete)
+        held_images = [out / Path(r["image"]).relative_to(eval_dst) for r in result.accepted]
+        kept, dropped = drop_training_duplicates(result.accepted, held_images, train_rows, src,
+                                                 params.curate.near_duplicate_bits)
+        dataio.write_jsonl(out / "samples.jsonl", kept)
         dataio.write_jsonl(out / "quarantine.jsonl", result.quarantined)
         shutil.copy2(test, out / "old_test.jsonl")
     with dataio.atomic_dir(raw_dst) as out:
         _write_part(train_rows, src, out)
-    from pipeline.publish import track
-
-    track([raw_dst, eval_dst])  # in a DVC project: both become DVC-tracked data (pushed by `publish`)
+    vcs.track([raw_dst, eval_dst])  # in a DVC project: both become DVC-tracked data (pushed by `publish`)
     update_params(Path(params_file), name, str(eval_dst / "samples.jsonl"), str(eval_dst / "old_test.jsonl"),
                   params.ingest.method)
     return {"batch": name, "train_rows": len(train_rows), "held_out_rows": len(held_rows),
-            "held_out_accepted": len(result.accepted), "held_out_quarantined": len(result.quarantined),
+            "held_out_accepted": len(kept), "held_out_quarantined": len(result.quarantined),
+            "held_out_duplicates_of_training": dropped,
             "raw": str(raw_dst), "eval": str(eval_dst), "params_updated": params_file,
             "unlabelled_rows": len(missing)}

@@ -1,4 +1,4 @@
-"""The three-part alignment loss (DESIGN §6): contrastive + cross-entropy + MSE, each term returned.
+"""The three-part alignment loss (docs/design.md §6): contrastive + cross-entropy + MSE, each term returned.
 
 `contrastive` and `mse` are plain functions that outside checks call; `AlignmentLoss` holds the
 weights, the optional learnable temperature and the queue of recent text embeddings.

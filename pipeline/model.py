@@ -1,4 +1,6 @@
-"""The one model factory: the built-in tiny Gemma 3, loading any Gemma 3 checkpoint, PEFT wrapping.
+"""The one model module: the built-in tiny Gemma 3, loading (a base for training, an adapter for
+inference, 4-bit, device and dtype), PEFT wrapping, and the pieces every stage runs (the backbone under
+PEFT, the answer-only cross-entropy, the caption anchor).
 
 `builtin:tiny-gemma3` is a small model of the real architecture (`Gemma3ForConditionalGeneration`:
 SigLIP vision tower + projector + Gemma 3 text model) built from a config, with a BPE tokenizer trained
@@ -7,15 +9,21 @@ model + processor folder, so every later stage loads it exactly as it would a ch
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipeline import chat, config, distributed
 from pipeline.chat import GEMMA3_CHAT_TEMPLATE
+from pipeline.collate import Collator
 from pipeline.config import ModelCfg, Peft
 from pipeline.errors import InputError
 
@@ -89,11 +97,59 @@ def source_of(cfg: ModelCfg, models_dir: str) -> str:
     return str(Path(models_dir) / "base") if cfg.base == BUILTIN else cfg.base
 
 
-def config_sha256(cfg) -> str:
-    d = cfg.to_dict()
-    for k in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "quantization_config"):
-        d.pop(k, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+WEIGHTS_HASH_FILE = "weights_sha256.txt"  # written beside the built-in base's weights by `base`
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+def weights_sha256(source: str) -> str:
+    """A hash of the base's weights files (names and bytes): what caches and compatibility checks key on,
+    so that a re-trained base of the same shape is a different base. Read from the file `base` stores
+    beside the built-in; computed (once per process) for any other local folder; a hub id is its name."""
+    folder = Path(source)
+    if (folder / WEIGHTS_HASH_FILE).is_file():
+        return (folder / WEIGHTS_HASH_FILE).read_text().strip()
+    if not folder.is_dir():
+        return f"hub:{source}"
+    files = _weight_files(folder.resolve())
+    return _hash_weights(str(folder.resolve()), tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+
+
+@functools.lru_cache(maxsize=8)
+def _hash_weights(folder: str, signature: tuple = ()) -> str:
+    """(`signature`: the files' sizes and times, so that weights rewritten in place are hashed again.)"""
+    h = hashlib.sha256()
+    for f in _weight_files(Path(folder)):
+        h.update(str(f.relative_to(folder)).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def store_weights_sha256(folder: Path) -> str:
+    """Hash a freshly saved base's weights once and keep the hash beside them."""
+    digest = _hash_weights.__wrapped__(str(Path(folder).resolve()))  # not cached: a fresh folder
+    (Path(folder) / WEIGHTS_HASH_FILE).write_text(digest + "\n")
+    return digest
+
+
+def device_and_dtype() -> tuple[torch.device, torch.dtype]:
+    """bf16 on a GPU (this rank's), fp32 on the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
+def base_source(params: config.Params) -> str:
+    """`model.base`'s folder or hub id; the built-in must have been built by `base`."""
+    source = source_of(params.model, params.paths.models)
+    if params.model.base == BUILTIN and not Path(source).is_dir():
+        raise InputError(f"model.base: the built-in base model is missing at {source} (run `python -m pipeline base`)")
+    return source
 
 
 def load(source: str, quantize: bool = False, keep_vision_16bit: bool = True, dtype=torch.float32,
@@ -187,3 +243,141 @@ class AlignmentHeads(nn.Module):
     def embed_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
         """(B, H) mean-pooled caption features -> (B, D) unit vectors."""
         return F.normalize(self.text(pooled), dim=-1)
+
+
+# ------------------------------------------------------------------------------ loading for a stage
+def load_trainable(params: config.Params, device, dtype):
+    """(PEFT model, processor) for `train`: the base (4-bit for QLoRA) on `device`, adapters on top."""
+    cfg = params.train.peft
+    model, processor = load(base_source(params), quantize=cfg.method == "qlora", keep_vision_16bit=cfg.keep_vision_16bit,
+                            dtype=dtype, sharded=params.train.distributed.strategy == "fsdp", device=device)
+    if cfg.method != "qlora":
+        model.to(device)
+    return apply_peft(model, cfg, adapter_name=cfg.adapter_name), processor
+
+
+def adapter_meta(params: config.Params, model) -> dict:
+    """What `pipeline_meta.json` records beside an adapter, so that it is loaded as it was trained."""
+    p = params.train.peft
+    return {"base": params.model.base, "base_source": source_of(params.model, params.paths.models),
+            "base_weights_sha256": weights_sha256(base_source(params)), "labels": list(params.data.labels),
+            "method": p.method, "keep_vision_16bit": p.keep_vision_16bit, "adapter_name": p.adapter_name,
+            "embed_dim": params.train.loss.embed_dim, "text_grad": params.train.loss.text_grad}
+
+
+@dataclass
+class Loaded:
+    """An adapter on its base, with its alignment heads, ready for inference."""
+
+    model: object
+    processor: object
+    heads: AlignmentHeads
+    meta: dict
+    device: torch.device
+
+
+def load_adapter(adapter: Path, params: config.Params, who: str = "evaluate") -> Loaded:
+    """The base of `model.base` with the adapter at `adapter` in the precision it was trained in (4-bit
+    base for QLoRA, vision tower kept 16-bit as recorded); refuses an adapter of another base."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    adapter = Path(adapter)
+    if not (adapter / "pipeline_meta.json").is_file():
+        raise InputError(f"{who}: {adapter} is not an adapter written by `train` (no pipeline_meta.json)")
+    meta = json.loads((adapter / "pipeline_meta.json").read_text())
+    if meta.get("base") != params.model.base:
+        raise InputError(f"{who}: the adapter at {adapter} was trained on base {meta.get('base')!r}, "
+                         f"but model.base is {params.model.base!r}")
+    source = base_source(params)
+    have = weights_sha256(source)
+    if meta.get("base_weights_sha256", have) != have:
+        raise InputError(f"{who}: the adapter at {adapter} was trained on base weights {meta['base_weights_sha256']}, "
+                         f"but {source} holds weights {have}; re-run train")
+    device, dtype = device_and_dtype()
+    quantize = meta.get("method") == "qlora"
+    base, processor = load(source, quantize=quantize, keep_vision_16bit=meta.get("keep_vision_16bit", True),
+                           dtype=dtype, device=device)
+    if not quantize:
+        base.to(device)
+    try:
+        model = PeftModel.from_pretrained(base, adapter, adapter_name=meta.get("adapter_name", "default"))
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise InputError(f"{who}: the adapter at {adapter} does not fit the base model {source}: {e}") from None
+    model.eval()
+    heads = AlignmentHeads(base.config.get_text_config().hidden_size, meta.get("embed_dim", params.train.loss.embed_dim))
+    weights = load_file(adapter / "alignment_heads.safetensors")
+    heads.load_state_dict({k[len("heads."):]: v for k, v in weights.items() if k.startswith("heads.")})
+    return Loaded(model, processor, heads.to(device).eval(), meta, device)
+
+
+# ------------------------------------------------------------------------------- running the pieces
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def backbone(model):
+    """The Gemma3ForConditionalGeneration under any PEFT wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def answer_ce(base, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Causal-LM loss on the answer tokens only; logits are computed for those positions alone
+    (the full (B, T, vocab) tensor is never materialised). Across processes: this rank's share of the
+    mean over every rank's answer tokens."""
+    target = labels[:, 1:]
+    keep = target != -100  # (B, T-1)
+    logits = base.lm_head(hidden[:, :-1][keep])  # (N_answer, V)
+    cap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return distributed.mean_share(F.cross_entropy(logits.float(), target[keep], reduction="sum"), keep.sum())
+
+
+class TextAnchor:
+    """Pooled caption features from the frozen base LM (adapters off), cached per caption.
+
+    The text side of the alignment is a fixed target: the base model's own reading of the caption.
+    `fill` reads every training caption once before the loop (in a fixed order, so a resumed run gets
+    the same bits); after that the text side costs one dictionary look-up per sample.
+    """
+
+    def __init__(self):
+        self.cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def fill(self, model, collator: Collator, records: list[dict], batch_size: int = 32) -> float:
+        """Read every distinct caption of `records` once, in a fixed order; returns the seconds spent."""
+        start = time.perf_counter()
+        by_caption: dict[str, dict] = {}
+        for r in records:
+            if _caption(r) not in self.cache:
+                by_caption.setdefault(_caption(r), r)
+        todo = [by_caption[c] for c in sorted(by_caption)]
+        device = next(model.parameters()).device
+        for i in range(0, len(todo), batch_size):
+            self._read(model, to_device(collator(todo[i : i + batch_size]), device))
+        return time.perf_counter() - start
+
+    def _read(self, model, batch: dict) -> None:
+        with _adapters_off(model):
+            hidden = backbone(model).model.language_model(
+                input_ids=batch["caption_ids"], attention_mask=batch["caption_attention"]).last_hidden_state
+        m = batch["caption_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = ((hidden * m).sum(1) / m.sum(1).clamp(min=1)).float()  # (B, H)
+        for caption, vec in zip(batch["captions"], pooled):
+            self.cache.setdefault(caption, vec)
+
+    @torch.no_grad()
+    def __call__(self, model, batch: dict) -> torch.Tensor:
+        if any(c not in self.cache for c in batch["captions"]):
+            self._read(model, batch)
+        return torch.stack([self.cache[c] for c in batch["captions"]])  # (B, H)
+
+
+def _caption(record: dict) -> str:
+    return chat.answer(record["messages"]).strip()
+
+
+def _adapters_off(model):
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()

@@ -1,4 +1,4 @@
-"""`monitor`: is an incoming batch different from what the model was trained on? (DESIGN §3.6, §8)
+"""`monitor`: is an incoming batch different from what the model was trained on? (docs/design.md §3.6, §8)
 
 `python -m pipeline monitor --batch data/incoming/<batch>`:
 1. the batch (a raw dataset, §3.1) goes through curation's row and image checks; rows that fail are
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import chat, config, data as dataio
-from pipeline.errors import CheckFailed, InputError
+from pipeline import chat, checks, config, data as dataio
+from pipeline.errors import DriftFound, InputError
 
 IMAGE_REASONS = ("missing_image", "empty_file", "not_an_image", "unreadable_image", "path_outside_dataset",
                  "image_too_large", "image_too_small", "missing_field:image")
@@ -35,8 +35,6 @@ P_VALUE_TESTS = {"ks", "t_test", "mannw", "chisquare", "z", "fisher_exact", "and
 # ---------------------------------------------------------------------------------------- the batch
 def read_batch(batch: Path, params: config.Params) -> tuple[list[dict], list[dict], dict]:
     """(readable rows as records, rows that failed, counts); captions kept where they pass the checks."""
-    from pipeline import curate
-
     if not batch.is_dir():
         raise InputError(f"monitor: batch folder {batch} not found")
     try:
@@ -45,10 +43,10 @@ def read_batch(batch: Path, params: config.Params) -> tuple[list[dict], list[dic
         raise InputError(f"monitor: batch {batch} disappeared while it was read ({e})") from None
     readable, failed = [], []
     for i, raw in enumerate(rows):
-        row = curate.Row(index=i, raw=raw)
-        curate.check_fields(row, has_label=False)
+        row = checks.Row(index=i, raw=raw)
+        checks.check_fields(row, has_label=False)
         try:
-            curate.check_image(row, batch, params.curate)
+            checks.check_image(row, batch, params.curate)
         except FileNotFoundError:
             row.reasons.append("missing_image")
         image_reasons = [r for r in row.reasons if r.split(":")[0] in IMAGE_REASONS or r.startswith("missing_field")]
@@ -56,8 +54,8 @@ def read_batch(batch: Path, params: config.Params) -> tuple[list[dict], list[dic
             failed.append({"row": i, "id": raw.get("id", ""), "reasons": image_reasons})
             continue
         caption = raw.get("caption", "").strip()
-        captioned = curate.Row(index=i, raw=raw)
-        curate.check_caption(captioned, params.curate, params.data)
+        captioned = checks.Row(index=i, raw=raw)
+        checks.check_caption(captioned, params.curate, params.data)
         rec = {"id": raw.get("id") or f"row{i}", "image": str(row.path), "label": raw.get("label", "").strip() or None,
                "site": raw.get("site", ""), "camera": raw.get("camera", "")}
         if caption and not captioned.reasons:
@@ -82,11 +80,11 @@ class FixedEncoder:
 
         from pipeline import model as modelmod
 
-        source = modelmod.source_of(params.model, params.paths.models)
+        source = modelmod.base_source(params)
         self.model, self.processor = modelmod.load(source)
         self.model.eval()
         self.batch_size, self.torch = batch_size, torch
-        self.key = modelmod.config_sha256(self.model.config)
+        self.key = modelmod.weights_sha256(source)  # a re-trained base of the same shape is another encoder
 
     def __call__(self, images: list) -> np.ndarray:
         from pipeline.collate import open_image
@@ -206,10 +204,10 @@ def alignment_adapter(params: config.Params) -> tuple[Path | None, str]:
         try:
             from mlflow.artifacts import download_artifacts
 
-            from pipeline import promote
+            from pipeline import tracking
 
-            c = promote.client()
-            version = promote.alias_version(c, params.mlflow.registered_model, "champion")
+            c = tracking.client()
+            version = tracking.alias_version(c, params.mlflow.registered_model, "champion")
             if version is not None:
                 dst = Path(params.paths.reports) / "drift" / ".champion" / str(version.version)
                 if not (dst / "adapter" / "pipeline_meta.json").is_file():
@@ -225,9 +223,9 @@ def alignment_adapter(params: config.Params) -> tuple[Path | None, str]:
 
 def alignment_scores(adapter: Path, groups: list[list[dict]], params: config.Params) -> list[np.ndarray]:
     """The matched-pair cosine of every record, per group of records (the adapter is loaded once)."""
-    from pipeline.evaluate import Evaluator
+    from pipeline.scoring import Evaluator
 
-    ev = Evaluator.load(adapter, params)
+    ev = Evaluator.load(adapter, params, who="monitor")
     out = []
     for records in groups:
         v, t, _ = ev.embed(records)
@@ -300,6 +298,15 @@ def check(batch: Path, params: config.Params) -> dict:
     return result, snapshot
 
 
+def pending(params: config.Params) -> list[str]:
+    """The batch folders of `paths.incoming` without a `drift.json` yet: `main` writes it (atomically) only
+    after a finished check, so a failed or interrupted check stays pending."""
+    incoming, drift = Path(params.paths.incoming), Path(params.paths.reports) / "drift"
+    if not incoming.is_dir():
+        return []
+    return [str(b) for b in sorted(incoming.iterdir()) if b.is_dir() and not (drift / b.name / "drift.json").is_file()]
+
+
 def main(params: config.Params, batch: str) -> dict:
     batch_dir = Path(batch)
     result, snapshot = check(batch_dir, params)
@@ -312,7 +319,3 @@ def main(params: config.Params, batch: str) -> dict:
     if result["retrain"]:
         raise DriftFound(json.dumps(summary, indent=2, sort_keys=True))
     return summary
-
-
-class DriftFound(CheckFailed):
-    """Thresholds crossed: exit status 1, with the summary printed on stdout."""

@@ -1,4 +1,4 @@
-"""`promote`: the MLflow registry step (DESIGN §7).
+"""`promote`: the MLflow registry step (docs/design.md §7).
 
 The trained adapter (whose metrics `evaluate` wrote) becomes a version of the registered model, tagged
 with the git commit, the DVC hashes of its data and model, and its MLflow runs. If any gate failed the
@@ -15,51 +15,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipeline import config, evaluate
+from pipeline import config, data as dataio, scoring, tracking, vcs
 from pipeline.errors import CheckFailed, InputError
 
 HISTORY_TAG = "champion_history"  # registered-model tag: comma-separated champion versions, oldest first
-
-
-def client():
-    from mlflow import MlflowClient
-
-    from pipeline.tracking import tracking_uri
-
-    return MlflowClient(tracking_uri())
-
-
-def alias_version(c, name: str, alias: str):
-    """The version holding `alias`, or None."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return c.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
-
-
-def ensure_model(c, name: str) -> None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        c.get_registered_model(name)
-    except MlflowException:
-        c.create_registered_model(name, description="PEFT adapters of the drift-aware multimodal pipeline")
-
-
-def dvc_hashes(lock: Path = Path("dvc.lock")) -> dict[str, str]:
-    """`dvc.<path>` -> md5 of every stage output recorded in dvc.lock."""
-    import yaml
-
-    if not lock.is_file():
-        return {}
-    out = {}
-    for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
-        for o in stage.get("outs", []):
-            if "md5" in o:
-                out[f"dvc.{o['path']}"] = o["md5"]
-    return out
 
 
 def history(c, name: str) -> list[str]:
@@ -81,15 +40,14 @@ def register(c, name: str, adapter: Path, metrics: dict, params: config.Params):
         return found[0]
     run_id = metrics.get("train_run_id")
     if not run_id or not _has_adapter(c, run_id):
-        mlflow.set_tracking_uri(c.tracking_uri)
-        mlflow.set_experiment(params.mlflow.experiment)
+        tracking.use_experiment(params.mlflow.experiment)
         with mlflow.start_run(run_name="register") as run:
             mlflow.log_artifacts(str(adapter), artifact_path="adapter")
             run_id = run.info.run_id
     source = f"{c.get_run(run_id).info.artifact_uri}/adapter"
-    tags = {"adapter_sha256": sha, "git_commit": str(evaluate.git_commit()), "train_run_id": str(run_id),
+    tags = {"adapter_sha256": sha, "git_commit": str(vcs.git_commit()), "train_run_id": str(run_id),
             "eval_run_id": str(metrics.get("eval_run_id")), "base": params.model.base,
-            "f1_macro": f"{metrics['f1_macro']:.4f}", "gates_passed": str(metrics["passed"]), **dvc_hashes()}
+            "f1_macro": f"{metrics['f1_macro']:.4f}", "gates_passed": str(metrics["passed"]), **vcs.dvc_hashes()}
     return c.create_model_version(name, source=source, run_id=run_id, tags=tags)
 
 
@@ -125,13 +83,13 @@ def compare(challenger: dict, champion: dict, cfg: config.Promote) -> tuple[bool
 
 def evaluate_champion(c, version, params: config.Params) -> dict | None:
     """The champion's metrics on today's evaluation sets (None if it cannot run on today's base)."""
-    sets, mismatch = evaluate.load_sets(params)
+    sets, mismatch = scoring.load_sets(params)
     with tempfile.TemporaryDirectory() as tmp:
         from mlflow.artifacts import download_artifacts
 
         local = Path(download_artifacts(artifact_uri=version.source, dst_path=tmp, tracking_uri=c.tracking_uri))
         try:
-            metrics, _ = evaluate.evaluate_adapter(local, sets, mismatch, params)
+            metrics, _ = scoring.evaluate_adapter(local, sets, mismatch, params)
         except InputError as e:
             print(f"promote: champion v{version.version} cannot be evaluated here: {e}", file=sys.stderr)
             return None
@@ -147,21 +105,21 @@ def promote(params: config.Params) -> dict:
     if not metrics_path.is_file():
         raise InputError(f"promote: {metrics_path} not found (run evaluate first)")
     metrics = json.loads(metrics_path.read_text())
-    if metrics.get("adapter_sha256") != evaluate.dir_sha256(adapter):
+    if metrics.get("adapter_sha256") != dataio.dir_sha256(adapter):
         raise InputError(f"promote: {metrics_path} was written for another adapter than {adapter} (run evaluate again)")
     if params.promote.primary_metric not in next(iter(metrics["sets"].values())):
         raise InputError(f"promote.primary_metric: {params.promote.primary_metric!r} is not a per-set metric "
                          f"({sorted(next(iter(metrics['sets'].values())))})")
-    c = client()
-    ensure_model(c, name)
+    c = tracking.client()
+    tracking.ensure_model(c, name)
     version = register(c, name, adapter, metrics, params)
     v = str(version.version)
-    failed = evaluate.failed_gates(metrics["gates"])
+    failed = scoring.failed_gates(metrics["gates"])
     if failed:
         c.set_model_version_tag(name, v, "decision", "rejected: gates failed")
         raise CheckFailed(f"promote: version {v} not promoted; failing gates:\n  " + "\n  ".join(failed))
     c.set_registered_model_alias(name, "challenger", v)
-    champion = alias_version(c, name, "champion")
+    champion = tracking.alias_version(c, name, "champion")
     if champion is not None and str(champion.version) == v:
         return {"version": v, "decision": "already champion", "champion": v}
     reasons: list[str] = []
@@ -192,14 +150,14 @@ def promote(params: config.Params) -> dict:
 def rollback(params: config.Params) -> dict:
     """Give `champion` back to the version before it (alias `previous`); `previous` moves one further back."""
     name = params.mlflow.registered_model
-    c = client()
+    c = tracking.client()
     from mlflow.exceptions import MlflowException
 
     try:
         c.get_registered_model(name)
     except MlflowException:
         raise InputError(f"promote --rollback: no registered model {name!r}") from None
-    champion, previous = alias_version(c, name, "champion"), alias_version(c, name, "previous")
+    champion, previous = tracking.alias_version(c, name, "champion"), tracking.alias_version(c, name, "previous")
     if previous is None:
         raise InputError(f"promote --rollback: {name} has no version with alias 'previous' to roll back to")
     past = history(c, name)

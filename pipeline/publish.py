@@ -13,24 +13,12 @@ since the commit and the local cache stay and a retry pushes what is missing.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-from pipeline import config
+from pipeline import config, vcs
 from pipeline.errors import InputError, ServiceUnavailable
 
 TRACKED = ("dvc.lock", "params.yaml")
-
-
-def _bin(name: str) -> str:
-    here = Path(sys.executable).parent / name
-    return str(here) if here.exists() else (shutil.which(name) or name)
-
-
-def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True)
 
 
 def dvc_files(params: config.Params) -> list[str]:
@@ -44,32 +32,23 @@ def dvc_files(params: config.Params) -> list[str]:
     return out
 
 
-def track(paths: list[Path]) -> None:
-    """`dvc add` folders written outside any stage (ingested batches), in a DVC project only."""
-    if not Path(".dvc").is_dir() or not paths:
-        return
-    r = _run([_bin("dvc"), "--wait-for-lock", "add", "--quiet", *map(str, paths)])
-    if r.returncode != 0:
-        raise InputError(f"dvc add {' '.join(map(str, paths))} failed: {r.stderr.strip()[-1500:]}")
-
-
 def commit(params: config.Params, message: str) -> str | None:
     """Commit the DVC metadata if this is a git work tree and something changed; returns the commit."""
-    if _run(["git", "rev-parse", "--is-inside-work-tree"]).returncode != 0:
+    if vcs.run(["git", "rev-parse", "--is-inside-work-tree"]).returncode != 0:
         return None
     files = [f for f in (*TRACKED, *dvc_files(params)) if Path(f).exists()]
-    r = _run(["git", "add", "-f", "--", *files])
+    r = vcs.run(["git", "add", "-f", "--", *files])
     if r.returncode != 0:
         raise InputError(f"git add failed: {r.stderr.strip()}")
-    if _run(["git", "diff", "--cached", "--quiet"]).returncode != 0:
-        r = _run(["git", "commit", "-q", "-m", message])
+    if vcs.run(["git", "diff", "--cached", "--quiet"]).returncode != 0:
+        r = vcs.run(["git", "commit", "-q", "-m", message])
         if r.returncode != 0:
             raise InputError(f"git commit failed: {r.stderr.strip()}")
-    return _run(["git", "rev-parse", "HEAD"]).stdout.strip() or None
+    return vcs.git_commit()
 
 
 def push(remote: str) -> dict:
-    r = _run([_bin("dvc"), "--wait-for-lock", "push", "-r", remote])
+    r = vcs.run([vcs.tool("dvc"), "--wait-for-lock", "push", "-r", remote])
     if r.returncode != 0:
         err = r.stderr.strip()[-1500:]
         if "does not exist" in err and "remote" in err:

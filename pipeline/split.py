@@ -1,4 +1,4 @@
-"""`split`: leakage-free (grouped by patient), stratified on label x subgroup (DESIGN §3.3).
+"""`split`: leakage-free (grouped by patient), stratified on label x subgroup (docs/design.md §3.3).
 
 Patients are assigned whole to a split. A greedy pass places the largest patients first, then a seeded
 local search moves and swaps patients to bring every stratum's count in every split to its target

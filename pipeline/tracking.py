@@ -1,4 +1,5 @@
-"""MLflow tracking for `train` (DESIGN §7): params flat, every loss term and learning rate per step."""
+"""MLflow (docs/design.md §7): the tracking URI and server check, the experiment, the registry helpers, and the
+`train` run (params flat, every loss term and learning rate per step)."""
 from __future__ import annotations
 
 import base64
@@ -58,6 +59,43 @@ def check_server(uri: str, timeout: float = 10.0) -> None:
         raise ServiceUnavailable(f"the MLflow tracking server at {base} could not be reached ({e})") from None
 
 
+def use_experiment(experiment: str) -> None:
+    """Point the fluent MLflow API at the tracking URI and the project's experiment."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_experiment(experiment)
+
+
+# ------------------------------------------------------------------------------------------ registry
+def client():
+    """An MlflowClient on `tracking_uri()` (the server checked first)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri())
+
+
+def alias_version(c, name: str, alias: str):
+    """The version holding `alias`, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return c.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def ensure_model(c, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        c.get_registered_model(name)
+    except MlflowException:
+        c.create_registered_model(name, description="PEFT adapters of the drift-aware multimodal pipeline")
+
+
+
+# --------------------------------------------------------------------------------------- train's run
 class Tracker:
     """One MLflow run per `train`; a resumed run continues the run it started."""
 
@@ -67,8 +105,7 @@ class Tracker:
     def start(self, run_id: str | None, params: config.Params, preflight: dict) -> None:
         import mlflow
 
-        mlflow.set_tracking_uri(tracking_uri())
-        mlflow.set_experiment(params.mlflow.experiment)
+        use_experiment(params.mlflow.experiment)
         run = mlflow.start_run(run_id=run_id, run_name=None if run_id else self.run_name)
         self.run_id = run.info.run_id
         if not run_id:

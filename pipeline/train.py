@@ -23,9 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from pipeline import audit, config, data as dataio, distributed, losses, model as modelmod
+from pipeline import audit, config, data as dataio, distributed, losses, model as modelmod, optim
 from pipeline.collate import Collator
 from pipeline.errors import CheckFailed, InputError
 
@@ -33,91 +32,20 @@ TERMS = ("contrastive", "ce", "mse", "total")
 
 
 # ----------------------------------------------------------------------------------------- forward
-def backbone(model):
-    """The Gemma3ForConditionalGeneration under any PEFT wrapper."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def answer_ce(base, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Causal-LM loss on the answer tokens only; logits are computed for those positions alone
-    (the full (B, T, vocab) tensor is never materialised). Across processes: this rank's share of the
-    mean over every rank's answer tokens."""
-    target = labels[:, 1:]
-    keep = target != -100  # (B, T-1)
-    logits = base.lm_head(hidden[:, :-1][keep])  # (N_answer, V)
-    cap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return distributed.mean_share(F.cross_entropy(logits.float(), target[keep], reduction="sum"), keep.sum())
-
-
-class TextAnchor:
-    """Pooled caption features from the frozen base LM (adapters off), cached per caption.
-
-    The text side of the alignment is a fixed target: the base model's own reading of the caption.
-    `fill` reads every training caption once before the loop (in a fixed order, so a resumed run gets
-    the same bits); after that the text side costs one dictionary look-up per sample.
-    """
-
-    def __init__(self):
-        self.cache: dict[str, torch.Tensor] = {}
-
-    @torch.no_grad()
-    def fill(self, model, collator: Collator, records: list[dict], batch_size: int = 32) -> float:
-        """Read every distinct caption of `records` once, in a fixed order; returns the seconds spent."""
-        start = time.perf_counter()
-        by_caption: dict[str, dict] = {}
-        for r in records:
-            if _caption(r) not in self.cache:
-                by_caption.setdefault(_caption(r), r)
-        todo = [by_caption[c] for c in sorted(by_caption)]
-        device = next(model.parameters()).device
-        for i in range(0, len(todo), batch_size):
-            self._read(model, to_device(collator(todo[i : i + batch_size]), device))
-        return time.perf_counter() - start
-
-    def _read(self, model, batch: dict) -> None:
-        with _adapters_off(model):
-            hidden = backbone(model).model.language_model(
-                input_ids=batch["caption_ids"], attention_mask=batch["caption_attention"]).last_hidden_state
-        m = batch["caption_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = ((hidden * m).sum(1) / m.sum(1).clamp(min=1)).float()  # (B, H)
-        for caption, vec in zip(batch["captions"], pooled):
-            self.cache.setdefault(caption, vec)
-
-    @torch.no_grad()
-    def __call__(self, model, batch: dict) -> torch.Tensor:
-        if any(c not in self.cache for c in batch["captions"]):
-            self._read(model, batch)
-        return torch.stack([self.cache[c] for c in batch["captions"]])  # (B, H)
-
-
-def _caption(record: dict) -> str:
-    from pipeline import chat
-
-    return chat.answer(record["messages"]).strip()
-
-
-def _adapters_off(model):
-    import contextlib
-
-    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
-
-
 def forward_terms(model, heads, loss_fn: losses.AlignmentLoss, batch: dict, text_grad: bool,
-                  anchor: TextAnchor | None = None) -> losses.Terms:
-    """One forward pass over a batch -> every loss term (DESIGN §6).
+                  anchor: modelmod.TextAnchor | None = None) -> losses.Terms:
+    """One forward pass over a batch -> every loss term (docs/design.md §6).
 
     The image features are computed once and handed to the LM (`mm_encoder_outputs`); the caption side
     comes from `anchor` (frozen base, cached) unless `text_grad`, where the adapted LM reads the caption
     in a text-only pass with gradient.
     """
-    base = backbone(model)
+    base = modelmod.backbone(model)
     align = loss_fn.w_con > 0 or loss_fn.w_mse > 0
     image_out = base.model.get_image_features(batch["pixel_values"], return_dict=True)
     out = base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                      token_type_ids=batch["token_type_ids"], mm_encoder_outputs={"image": image_out})
-    ce = answer_ce(base, out.last_hidden_state, batch["labels"])
+    ce = modelmod.answer_ce(base, out.last_hidden_state, batch["labels"])
     if not align:
         zero = ce.new_zeros(())
         return losses.Terms(contrastive=zero, ce=ce, mse=zero, total=loss_fn.w_ce * ce)
@@ -141,7 +69,7 @@ class Objective(nn.Module):
         super().__init__()
         self.model, self.heads, self.loss_fn = model, heads, loss_fn
 
-    def forward(self, batch: dict, text_grad: bool, anchor: TextAnchor | None = None) -> losses.Terms:
+    def forward(self, batch: dict, text_grad: bool, anchor: modelmod.TextAnchor | None = None) -> losses.Terms:
         return forward_terms(self.model, self.heads, self.loss_fn, batch, text_grad, anchor)
 
 
@@ -155,16 +83,6 @@ def param_groups(model, heads, loss_fn, lr: config.Lr) -> list[dict]:
     vision += list(heads.image.parameters())
     text += list(heads.text.parameters()) + [p for p in loss_fn.parameters() if p.requires_grad]
     return [{"name": "vision", "params": vision, "lr": lr.vision}, {"name": "text", "params": text, "lr": lr.text}]
-
-
-def schedule(warmup: int, total: int):
-    """Linear warm-up, then cosine decay to 10 % (a multiplier of each group's own learning rate)."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return factor
 
 
 @dataclass
@@ -182,39 +100,19 @@ class State:
     total_steps: int
     device: torch.device
     wrapped: nn.Module  # the Objective, under DDP / FSDP across processes: what the training step calls
-    anchor: TextAnchor = field(default_factory=TextAnchor)
+    anchor: modelmod.TextAnchor = field(default_factory=modelmod.TextAnchor)
     step: int = 0
     history: list[dict] = field(default_factory=list)
-
-
-def device_and_dtype() -> tuple[torch.device, torch.dtype]:
-    """bf16 on a GPU (this rank's), fp32 on the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
-    return torch.device("cpu"), torch.float32
-
-
-def load_model(params: config.Params, device, dtype):
-    cfg = params.train.peft
-    source = modelmod.source_of(params.model, params.paths.models)
-    if params.model.base == modelmod.BUILTIN and not Path(source).is_dir():
-        raise InputError(f"model.base: the built-in base model is missing at {source} (run `python -m pipeline base`)")
-    model, processor = modelmod.load(source, quantize=cfg.method == "qlora", keep_vision_16bit=cfg.keep_vision_16bit,
-                                     dtype=dtype, sharded=params.train.distributed.strategy == "fsdp", device=device)
-    if cfg.method != "qlora":
-        model.to(device)
-    model = modelmod.apply_peft(model, cfg, adapter_name=cfg.adapter_name)
-    return model, processor
 
 
 def setup(params: config.Params, train: list[dict], val: list[dict]) -> State:
     t = params.train
     torch.manual_seed(t.seed)
-    device, dtype = device_and_dtype()
-    model, processor = load_model(params, device, dtype)
+    device, dtype = modelmod.device_and_dtype()
+    model, processor = modelmod.load_trainable(params, device, dtype)
     if t.grad_checkpointing:
-        backbone(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    hidden = backbone(model).config.get_text_config().hidden_size
+        modelmod.backbone(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hidden = modelmod.backbone(model).config.get_text_config().hidden_size
     heads = modelmod.AlignmentHeads(hidden, t.loss.embed_dim).to(device)
     loss_fn = losses.AlignmentLoss(t.loss.w_con, t.loss.w_ce, t.loss.w_mse, t.loss.tau, t.loss.learnable_tau,
                                    t.loss.queue_size, t.loss.embed_dim, t.distributed.gather).to(device)
@@ -224,16 +122,12 @@ def setup(params: config.Params, train: list[dict], val: list[dict]) -> State:
     optimizer = torch.optim.AdamW(param_groups(model, heads, loss_fn, t.lr), weight_decay=0.0)
     steps_per_epoch = max(1, len(train) // (t.batch_size * t.grad_accum))
     total = steps_per_epoch * t.epochs if not t.max_steps else min(t.max_steps, steps_per_epoch * t.epochs)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(t.warmup_steps, total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, optim.schedule(t.warmup_steps, total))
     return State(model, processor, heads, loss_fn, optimizer, scheduler, Collator(processor, t.max_length),
                  train, val, steps_per_epoch, total, device, wrapped)
 
 
 # --------------------------------------------------------------------------------- step / evaluate
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 def micro_batches(state: State, epoch: int, seed: int, batch_size: int) -> list[list[dict]]:
     """The epoch's batches, in a seeded order (the same on a resumed run)."""
     order = torch.randperm(len(state.train), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
@@ -247,7 +141,7 @@ def train_step(state: State, batches: list[list[dict]], t: config.Train) -> dict
     state.model.train()
     sums = dict.fromkeys(TERMS, 0.0)
     for i, mb in enumerate(batches):
-        batch = to_device(state.collator(distributed.shard(mb)), state.device)
+        batch = modelmod.to_device(state.collator(distributed.shard(mb)), state.device)
         with distributed.no_sync(state.wrapped, last=i == len(batches) - 1):
             terms = state.wrapped(batch, t.loss.text_grad, state.anchor)
             for name, value in distributed.mean_over_ranks(terms.as_floats()).items():
@@ -271,7 +165,7 @@ def validation_loss(state: State, records: list[dict], batch_size: int) -> dict[
     state.model.eval()
     sums, n = dict.fromkeys(TERMS, 0.0), 0
     for i in range(0, len(records) - batch_size + 1, batch_size):
-        batch = to_device(state.collator(distributed.shard(records[i : i + batch_size])), state.device)
+        batch = modelmod.to_device(state.collator(distributed.shard(records[i : i + batch_size])), state.device)
         terms = state.wrapped(batch, False, state.anchor)
         for k, v in distributed.mean_over_ranks(terms.as_floats()).items():
             sums[k] += v
@@ -382,13 +276,7 @@ def save_adapter(state: State, out: Path, params: config.Params, tensors: tuple[
     state.model.save_pretrained(out, state_dict=peft_sd)
     state.processor.save_pretrained(out)
     save_file(heads, out / "alignment_heads.safetensors")
-    dataio.write_json(out / "pipeline_meta.json", {
-        "base": params.model.base, "base_source": modelmod.source_of(params.model, params.paths.models),
-        "labels": list(params.data.labels), "method": params.train.peft.method,
-        "adapter_name": params.train.peft.adapter_name, "embed_dim": params.train.loss.embed_dim,
-        "text_grad": params.train.loss.text_grad,
-        "base_config_sha256": modelmod.config_sha256(backbone(state.model).config),
-    })
+    dataio.write_json(out / "pipeline_meta.json", modelmod.adapter_meta(params, state.model))
 
 
 def write_steps_csv(path: Path, history: list[dict]) -> None:
@@ -402,7 +290,7 @@ def write_steps_csv(path: Path, history: list[dict]) -> None:
 # ------------------------------------------------------------------------------------------ main
 def preflight(records: list[dict], processor, params: config.Params, model, collator: Collator | None = None) -> dict:
     """Audit every sample before any training; fails listing the offending ids."""
-    tokens = backbone(model).config.mm_tokens_per_image
+    tokens = modelmod.backbone(model).config.mm_tokens_per_image
     report = audit.run(records, processor, tokens, params.train.max_length, collator)
     if report["offending"]:
         ids = sorted(report["offending"])

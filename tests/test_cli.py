@@ -1,4 +1,4 @@
-"""The command line of DESIGN §10: commands, --params/--set, exit codes, nothing written on failure."""
+"""The command line of docs/design.md §10: commands, --params/--set, exit codes, nothing written on failure."""
 import json
 import subprocess
 import sys

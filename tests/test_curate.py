@@ -8,8 +8,10 @@ import shutil
 import pytest
 from PIL import Image
 
-from pipeline import curate, data as dataio
+from pipeline import checks, curate, data as dataio
 from pipeline.errors import InputError
+
+from conftest import ALL_FAULTS, make_dataset
 
 EXPECTED = {  # injected fault -> the reason curate must give
     "vague": "vague_caption",
@@ -58,9 +60,9 @@ def test_accepted_samples_are_in_the_chat_format(faulty_set, params):
 
 def test_specificity_rule_uses_the_vague_list_and_vocabulary(params):
     cfg = params.curate
-    words, terms = curate.specificity("Abnormal lesion, concerning, needs follow-up.", cfg)
+    words, terms = checks.specificity("Abnormal lesion, concerning, needs follow-up.", cfg)
     assert terms == 0 and words < cfg.min_words
-    words, terms = curate.specificity("This lesion shows asymmetry in one axis and three colours.", cfg)
+    words, terms = checks.specificity("This lesion shows asymmetry in one axis and three colours.", cfg)
     assert terms >= 2 and words >= cfg.min_words
 
 
@@ -191,3 +193,24 @@ def test_main_writes_all_outputs_or_nothing(bad_set, params, tmp_path, monkeypat
         curate.main(p)
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before  # the old complete output survives
     assert [f.name for f in tmp_path.iterdir() if f.name.startswith(".")] == []  # no scratch left
+
+
+def test_ids_are_unique_per_source_not_across_sources(params, tmp_path):
+    """A batch may reuse the raw dataset's ids (another hospital's numbering): not `duplicate_id`; its
+    samples are namespaced `<batch>/<id>`. Within one source a repeated id is still quarantined."""
+    clean = {k: 0.0 for k in ALL_FAULTS}
+    raw = make_dataset(tmp_path / "raw", params, n=12, image_size=64, seed=21, faults=clean)
+    make_dataset(tmp_path / "batches" / "b1", params, n=12, image_size=64, seed=23, faults=clean)
+    rows = curate.read_rows(raw, tmp_path / "batches")
+    raw_ids = {r["id"] for r in rows if checks.ROOT_KEY not in r}
+    batch_ids = {r["id"] for r in rows if checks.ROOT_KEY in r}
+    assert raw_ids & batch_ids  # the same site's numbering: the ids collide
+    cfg = dataclasses.replace(params.curate, mismatch=dataclasses.replace(params.curate.mismatch, enabled=False))
+    res = curate.run(rows, raw, cfg, params.data, image_prefix=str(raw))
+    assert not any("duplicate_id" in q["reasons"] for q in res.quarantined)
+    from_batch = [r["id"] for r in res.accepted if r["image"].startswith(str(tmp_path / "batches"))]
+    assert from_batch and all(i.startswith("b1/") and i[3:] in batch_ids for i in from_batch)
+    assert {r["id"] for r in res.accepted} >= raw_ids - {q["id"] for q in res.quarantined}
+    again = rows + [dict(rows[0])]  # one more row with a raw id, in the raw source
+    res = curate.run(again, raw, cfg, params.data, image_prefix=str(raw))
+    assert sum("duplicate_id" in q["reasons"] for q in res.quarantined) == 1

@@ -1,4 +1,4 @@
-"""DAG files: they load in a DagBag with no import errors, are wired as DESIGN §8 says, and importing
+"""DAG files: they load in a DagBag with no import errors, are wired as docs/design.md §8 says, and importing
 them pulls in none of the heavy libraries (the scheduler parses them often)."""
 import json
 import os

@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline import config, data as dataio, distributed, losses
+from pipeline import config, data as dataio, distributed
 from pipeline.errors import InputError
 
 from conftest import ROOT

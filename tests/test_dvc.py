@@ -32,7 +32,21 @@ def test_dvc_repro_from_a_clean_clone(clone):
     out = _run([str(BIN / "dvc"), "status"], repo, env)
     assert "up to date" in out.lower()
     # changing a split param re-runs split only
+    seed = params["split"]["seed"]
     params["split"]["seed"] = 5
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _run([str(BIN / "dvc"), "status"], repo, env)
     assert "split" in out and "curate" not in out and "base" not in out
+    params["split"]["seed"] = seed
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # editing a library module re-runs every stage that imports it, directly or not, and no other:
+    # scoring.py (evaluate, through no other stage), then model.py (base, train, evaluate)
+    changed = lambda: {line.rstrip(":").strip() for line in _run([str(BIN / "dvc"), "status"], repo, env).splitlines()
+                       if line.strip().endswith(":") and not line.startswith(("\t", " "))}  # noqa: E731
+    assert changed() == set()
+    with open(repo / "pipeline" / "scoring.py", "a") as fh:
+        fh.write("\n# edited\n")
+    assert changed() == {"evaluate"}
+    with open(repo / "pipeline" / "model.py", "a") as fh:
+        fh.write("\n# edited\n")
+    assert changed() == {"base", "train", "evaluate"}

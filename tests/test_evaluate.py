@@ -9,7 +9,7 @@ from fairlearn.metrics import MetricFrame
 from PIL import Image
 from sklearn.metrics import f1_score, recall_score
 
-from pipeline import config, evaluate
+from pipeline import config, evaluate, scoring
 from pipeline.errors import InputError
 
 LABELS = ("benign", "suspicious", "melanoma")
@@ -28,7 +28,7 @@ def fixture_labels():
 
 def test_classification_equals_scikit_learn_and_counts_unparseable_as_wrong(fixture_labels):
     y, pred, _ = fixture_labels
-    m = evaluate.classification(y, pred, LABELS)
+    m = scoring.classification(y, pred, LABELS)
     as_str = ["none" if p is None else p for p in pred]
     assert m["f1_macro"] == pytest.approx(f1_score(y, as_str, labels=list(LABELS), average="macro"))
     per = f1_score(y, as_str, labels=list(LABELS), average=None)
@@ -40,7 +40,7 @@ def test_classification_equals_scikit_learn_and_counts_unparseable_as_wrong(fixt
 def test_subgroup_table_equals_fairlearn_metricframe(fixture_labels):
     y, pred, groups = fixture_labels
     cfg = config.Bias(min_group_size=20, bootstrap=200, confidence=0.9)
-    b = evaluate.bias(y, pred, groups, "melanoma", cfg, seed=0)
+    b = scoring.bias(y, pred, groups, "melanoma", cfg, seed=0)
     as_str = ["<unparseable>" if p is None else p for p in pred]
 
     def f1_present(yt, yp):
@@ -64,8 +64,8 @@ def test_subgroup_table_equals_fairlearn_metricframe(fixture_labels):
     lo, hi = b["max_gap_ci"]
     assert 0 <= lo <= hi and hi > b["max_gap"] * 0.5
     # the same seed gives the same interval; another seed another one
-    assert evaluate.bias(y, pred, groups, "melanoma", cfg, seed=0)["max_gap_ci"] == b["max_gap_ci"]
-    assert evaluate.bias(y, pred, groups, "melanoma", cfg, seed=1)["max_gap_ci"] != b["max_gap_ci"]
+    assert scoring.bias(y, pred, groups, "melanoma", cfg, seed=0)["max_gap_ci"] == b["max_gap_ci"]
+    assert scoring.bias(y, pred, groups, "melanoma", cfg, seed=1)["max_gap_ci"] != b["max_gap_ci"]
 
 
 def test_an_insufficient_group_fails_the_bias_gate_unless_told_to_warn(fixture_labels):
@@ -73,19 +73,19 @@ def test_an_insufficient_group_fails_the_bias_gate_unless_told_to_warn(fixture_l
     for mode, passed in (("fail", False), ("warn", True)):
         cfg = config.Bias(min_group_size=20, bootstrap=50, insufficient=mode)
         m = {"f1_macro": 0.9, "image_reliance": {"ignore_rate": 0.1}, "mismatch_auroc": 0.9,
-             "bias": evaluate.bias(y, pred, groups, "melanoma", cfg, 0)}
-        g = evaluate.gates(m, config.Gates(max_bias_gap=1.0), cfg)
+             "bias": scoring.bias(y, pred, groups, "melanoma", cfg, 0)}
+        g = scoring.gates(m, config.Gates(max_bias_gap=1.0), cfg)
         assert g["max_bias_gap"]["passed"] is passed and "IV" in g["max_bias_gap"]["note"]
 
 
 def test_gates_report_value_threshold_and_failures():
     m = {"f1_macro": 0.75, "image_reliance": {"ignore_rate": 0.5}, "mismatch_auroc": None,
          "bias": {"insufficient": [], "max_gap_ci": [0.05, 0.1]}}
-    g = evaluate.gates(m, config.Gates(), config.Bias())
+    g = scoring.gates(m, config.Gates(), config.Bias())
     assert g["min_f1_macro"] == {"value": 0.75, "threshold": 0.8, "op": ">=", "passed": False}
     assert not g["max_ignore_rate"]["passed"] and not g["min_mismatch_auroc"]["passed"]
     assert g["max_bias_gap"]["passed"] and g["max_bias_gap"]["value"] == 0.1
-    failed = evaluate.failed_gates(g)
+    failed = scoring.failed_gates(g)
     assert len(failed) == 3 and any(f.startswith("min_f1_macro: 0.75") for f in failed)
 
 
@@ -119,7 +119,7 @@ def _ignores_image(records, images):
 
 def test_a_model_that_ignores_the_image_has_ignore_rate_one_and_no_perceptual_score():
     recs = _colour_records()
-    r = evaluate.image_reliance(_ignores_image, recs, LABELS, permutations=5, seed=0,
+    r = scoring.image_reliance(_ignores_image, recs, LABELS, permutations=5, seed=0,
                                 blank=Image.new("RGB", (8, 8), (128, 128, 128)))
     assert r["ignore_rate"] == 1.0
     assert r["perceptual_score"] == pytest.approx(0.0, abs=1e-12)
@@ -128,7 +128,7 @@ def test_a_model_that_ignores_the_image_has_ignore_rate_one_and_no_perceptual_sc
 
 def test_a_model_that_reads_only_the_image_has_ignore_rate_zero_and_a_large_perceptual_score():
     recs = _colour_records()
-    r = evaluate.image_reliance(_reads_image, recs, LABELS, permutations=5, seed=0,
+    r = scoring.image_reliance(_reads_image, recs, LABELS, permutations=5, seed=0,
                                 blank=Image.new("RGB", (8, 8), (128, 128, 128)))
     assert r["ignore_rate"] == 0.0
     assert r["f1_shuffled_image"] == 0.0 and r["perceptual_score"] == pytest.approx(1.0)
@@ -137,10 +137,10 @@ def test_a_model_that_reads_only_the_image_has_ignore_rate_zero_and_a_large_perc
 
 def test_swaps_always_give_an_image_of_another_label_and_need_two_labels():
     y = ["a"] * 5 + ["b"] * 3 + ["c"] * 2
-    swap = evaluate.other_label_swaps(y, np.random.default_rng(0))
+    swap = scoring.other_label_swaps(y, np.random.default_rng(0))
     assert all(y[i] != y[j] for i, j in enumerate(swap))
     with pytest.raises(InputError, match="two labels"):
-        evaluate.other_label_swaps(["a"] * 4, np.random.default_rng(0))
+        scoring.other_label_swaps(["a"] * 4, np.random.default_rng(0))
 
 
 # -------------------------------------------------------------------------------------- geometry
@@ -153,40 +153,40 @@ def test_retrieval_counts_identical_captions_as_the_same_target_and_both_directi
     t = _unit(rng.normal(size=(20, 8)))
     v = t.copy()
     v[0], v[1] = t[1], t[0]  # images 0 and 1 point to each other's caption
-    r = evaluate.retrieval(v, t, [f"c{i}" for i in range(20)])
+    r = scoring.retrieval(v, t, [f"c{i}" for i in range(20)])
     assert r["image_to_text"]["r@1"] == pytest.approx(18 / 20) and r["text_to_image"]["r@1"] == pytest.approx(18 / 20)
     assert r["image_to_text"]["r@5"] >= r["image_to_text"]["r@1"]
-    assert evaluate.retrieval(v, t, [f"c{i}" for i in range(20)], ks=(20,))["r@20"] == 1.0
-    r_same = evaluate.retrieval(v, t, ["same", "same"] + [f"c{i}" for i in range(2, 20)])
+    assert scoring.retrieval(v, t, [f"c{i}" for i in range(20)], ks=(20,))["r@20"] == 1.0
+    r_same = scoring.retrieval(v, t, ["same", "same"] + [f"c{i}" for i in range(2, 20)])
     assert r_same["r@1"] == 1.0
 
 
 def test_geometry_matches_its_definitions():
     rng = np.random.default_rng(1)
     v, t = _unit(rng.normal(size=(30, 4)) + 3), _unit(rng.normal(size=(30, 4)) - 3)
-    g = evaluate.geometry(v, t)
+    g = scoring.geometry(v, t)
     assert g["modality_gap"] == pytest.approx(np.linalg.norm(v.mean(0) - t.mean(0)))
     assert g["alignment"] == pytest.approx(np.mean([np.sum((a - b) ** 2) for a, b in zip(v, t)]))
-    same = evaluate.geometry(v, v)
+    same = scoring.geometry(v, v)
     assert same["modality_gap"] == 0 and same["alignment"] == 0
     spread = _unit(rng.normal(size=(30, 4)))
-    assert evaluate.geometry(spread, spread)["uniformity_image"] < g["uniformity_image"]  # more uniform = lower
+    assert scoring.geometry(spread, spread)["uniformity_image"] < g["uniformity_image"]  # more uniform = lower
 
 
 def test_clinically_acceptable_needs_the_right_label_and_no_invented_attribute():
     terms = ("white", "dark brown", "light brown", "dots", "globules")
     refs = ["two colours (light brown, dark brown) and dots", "one colour (white) and globules", "no terms here"]
     answers = ["two colours (dark brown) and dots", "one colour (white) and dots", "whatever"]
-    assert evaluate.attribute_terms("light brown and dark brown", terms) == {"light brown", "dark brown"}
-    assert evaluate.clinically_acceptable(refs, answers, ["a", "b", "c"], ["a", "b", "x"], terms) == 0.5
-    assert evaluate.clinically_acceptable(refs, answers, ["a", "b", "c"], ["x", "b", "c"], terms) == 0.0
+    assert scoring.attribute_terms("light brown and dark brown", terms) == {"light brown", "dark brown"}
+    assert scoring.clinically_acceptable(refs, answers, ["a", "b", "c"], ["a", "b", "x"], terms) == 0.5
+    assert scoring.clinically_acceptable(refs, answers, ["a", "b", "c"], ["x", "b", "c"], terms) == 0.0
 
 
 def test_an_evaluation_set_with_an_unknown_label_is_refused_naming_the_row():
     with pytest.raises(InputError, match="row 1 .*'nevus'"):
-        evaluate.check_records([{"id": "a", "label": "benign"}, {"id": "b", "label": "nevus"}], LABELS, "test")
+        scoring.check_records([{"id": "a", "label": "benign"}, {"id": "b", "label": "nevus"}], LABELS, "test")
     with pytest.raises(InputError, match="empty"):
-        evaluate.check_records([], LABELS, "site_b")
+        scoring.check_records([], LABELS, "site_b")
 
 
 # ------------------------------------------------------------------------------------- end to end

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import config, curate, data as dataio, ingest, split
+from pipeline import checks, config, curate, data as dataio, ingest, split
 from pipeline.errors import InputError
 
 from conftest import ALL_FAULTS, ROOT, make_dataset
@@ -35,7 +35,7 @@ def test_ingest_adds_a_batch_without_touching_the_raw_data(params, tmp_path, rec
     assert {r["patient_id"] for r in new}.isdisjoint({r["patient_id"] for r in held})
     assert (tmp_path / "data" / "eval" / "b1" / "old_test.jsonl").read_bytes() == (sp / "test.jsonl").read_bytes()
     rows = curate.read_rows(tmp_path / "data" / "raw", tmp_path / "data" / "batches")
-    assert len(rows) == 12 + len(new) and rows[-1][curate.ROOT_KEY] == str(tmp_path / "data" / "batches" / "b1")
+    assert len(rows) == 12 + len(new) and rows[-1][checks.ROOT_KEY] == str(tmp_path / "data" / "batches" / "b1")
     res = curate.run(rows, tmp_path / "data" / "raw", dataclasses.replace(p.curate, mismatch=dataclasses.replace(
         p.curate.mismatch, enabled=False)), p.data, image_prefix="data/raw")
     from_batch = [r for r in res.accepted if r["site"] == "hospital_b"]
@@ -49,6 +49,26 @@ def test_ingest_adds_a_batch_without_touching_the_raw_data(params, tmp_path, rec
     with pytest.raises(InputError, match="already ingested"):
         ingest.main(q, str(batch), "params.yaml")
     assert yaml.safe_load((tmp_path / "params.yaml").read_text())["split"]["pinned_test"] == ["data/eval/b1/old_test.jsonl"]
+
+
+def test_a_held_out_image_that_duplicates_a_training_image_is_dropped(params, tmp_path, records, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copy2(ROOT / "params.yaml", tmp_path / "params.yaml")
+    clean = {k: 0.0 for k in ALL_FAULTS}
+    (tmp_path / "data" / "split").mkdir(parents=True)
+    dataio.write_jsonl(tmp_path / "data" / "split" / "test.jsonl", records[32:])
+    batch = make_dataset(tmp_path / "data" / "incoming" / "b2", params, n=30, image_size=64, seed=24,
+                         site="hospital_b", camera="phone", faults=clean)
+    rows = dataio.read_manifest(batch / "manifest.csv")
+    p = config.load("params.yaml")
+    held = ingest.patient_holdout([r["patient_id"] for r in rows], p.ingest.holdout, p.ingest.seed)
+    trained = next(r for r in rows if r["patient_id"] not in held)
+    copied = next(r for r in rows if r["patient_id"] in held)
+    shutil.copy2(batch / trained["image"], batch / copied["image"])  # the same photograph, held out
+    out = ingest.main(p, str(batch), "params.yaml")
+    kept = {r["id"] for r in dataio.read_jsonl(tmp_path / "data" / "eval" / "b2" / "samples.jsonl")}
+    assert out["held_out_duplicates_of_training"] == 1 and copied["id"] not in kept
+    assert out["held_out_accepted"] == len(kept) == out["held_out_rows"] - 1
 
 
 def test_an_unlabelled_batch_is_refused(params, tmp_path):

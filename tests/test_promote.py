@@ -8,7 +8,7 @@ import sys
 import pytest
 from mlflow import MlflowClient
 
-from pipeline import evaluate, promote
+from pipeline import data as dataio, evaluate, promote, tracking
 from pipeline.errors import CheckFailed, InputError
 
 from conftest import ROOT, small_eval, trained_project
@@ -24,7 +24,7 @@ def registry(tmp_path, monkeypatch):
 def _aliases(c, name):
     out = {}
     for alias in ("champion", "challenger", "previous"):
-        v = promote.alias_version(c, name, alias)
+        v = tracking.alias_version(c, name, alias)
         out[alias] = None if v is None else str(v.version)
     return out
 
@@ -51,7 +51,7 @@ def test_gates_decide_promotion_and_rollback_restores(params, tmp_path, base_dir
     v1 = first["version"]
     assert _aliases(registry, name) == {"champion": v1, "challenger": v1, "previous": None}
     tags = registry.get_model_version(name, v1).tags
-    assert tags["adapter_sha256"] == evaluate.dir_sha256(tmp_path / "a" / "models" / "adapter")
+    assert tags["adapter_sha256"] == dataio.dir_sha256(tmp_path / "a" / "models" / "adapter")
     assert tags["git_commit"] and tags["train_run_id"] != "None" and tags["eval_run_id"] != "None"
     # a second adapter that must beat the champion by more than 1.0: kept out, champion unchanged
     p2 = trained_project(params, tmp_path / "b", base_dir, records, seed=1)
@@ -91,8 +91,8 @@ def test_an_adapter_for_another_base_is_refused(params, tmp_path, base_dir, reco
     p = trained_project(params, tmp_path, base_dir, records)
     meta = tmp_path / "models" / "adapter" / "pipeline_meta.json"
     m = json.loads(meta.read_text())
-    meta.write_text(json.dumps({**m, "base_config_sha256": "0" * 64}))
-    with pytest.raises(InputError, match="base model config differs"):
+    meta.write_text(json.dumps({**m, "base_weights_sha256": "0" * 64}))
+    with pytest.raises(InputError, match=f"trained on base weights {'0' * 64}, but .* holds weights [0-9a-f]{{64}}"):
         evaluate.main(p)
     meta.write_text(json.dumps({**m, "base": "google/gemma-3-4b-it"}))
     with pytest.raises(InputError, match="was trained on base 'google/gemma-3-4b-it'"):

@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline import config, train
+from pipeline import config, model as modelmod, train
 from pipeline.errors import CheckFailed, InputError
 
 from conftest import ROOT, tiny
@@ -75,7 +75,7 @@ def test_qlora_quantises_the_language_model_and_keeps_vision_16bit(params, tmp_p
     p = _params(params, tmp_path, base_dir)
     p = dataclasses.replace(p, train=dataclasses.replace(p.train, peft=dataclasses.replace(p.train.peft, method="qlora")))
     state = train.setup(p, records[:8], [])
-    base = train.backbone(state.model)
+    base = modelmod.backbone(state.model)
     lm = [m for n, m in base.model.language_model.named_modules() if n.endswith(("q_proj", "down_proj"))]
     vis = [m for n, m in base.model.vision_tower.named_modules() if n.endswith(("q_proj", "fc1"))]
     assert lm and all(isinstance(m.base_layer, bnb.nn.Linear4bit) for m in lm)

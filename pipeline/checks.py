@@ -1,0 +1,331 @@
+"""Row, image and dataset checks: what `curate` runs on every manifest row, and what `monitor` and
+`ingest` reuse on incoming batches.
+
+Checks run in this order; a row collects every reason that applies:
+fields and encoding -> duplicate id (within its source) -> label -> caption (missing, length, vagueness,
+conflict with the label) -> image file (path inside the dataset, exists, non-empty, decodes under the
+pixel limit, size bounds) -> exact and near duplicates among the rows still clean -> image-text mismatch
+among those.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from pipeline import chat, data as dataio, mismatch
+from pipeline.config import Curate, Data
+
+
+@dataclass
+class Row:
+    """One manifest row on its way through the checks."""
+
+    index: int
+    raw: dict[str, str]
+    reasons: list[str] = field(default_factory=list)
+    path: Path | None = None
+    sha256: str = ""
+    phash: np.ndarray | None = None  # (4,) uint64: 256-bit perceptual hash
+    quality: dict = field(default_factory=dict)
+
+
+@dataclass
+class Result:
+    accepted: list[dict]
+    quarantined: list[dict]
+    report: dict
+
+
+# ------------------------------------------------------------------------------------------ row checks
+def check_fields(row: Row, has_label: bool) -> None:
+    for name in ("id", "image"):
+        if not row.raw.get(name, "").strip():
+            row.reasons.append(f"missing_field:{name}")
+    if has_label and not row.raw.get("label", "").strip():
+        row.reasons.append("missing_field:label")
+    if any(_has_surrogates(v) for v in row.raw.values()):
+        row.reasons.append("bad_encoding")
+    if dataio.EXTRA in row.raw:
+        row.reasons.append("malformed_row")
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def check_label(row: Row, labels: tuple[str, ...]) -> None:
+    label = row.raw.get("label", "").strip()
+    if label and label not in labels:
+        row.reasons.append("unknown_label")
+
+
+def specificity(caption: str, cfg: Curate) -> tuple[int, int]:
+    """(words, visual-feature terms) left once the vague phrases are taken out."""
+    text = caption.lower()
+    for phrase in cfg.vague_phrases:
+        text = re.sub(rf"\b{re.escape(phrase.lower())}\b", " ", text)
+    words = re.findall(r"[a-z][a-z'-]*", text)
+    terms = sum(1 for t in cfg.visual_terms if re.search(rf"\b{re.escape(t.lower())}\b", text))
+    return len(words), terms
+
+
+def check_caption(row: Row, cfg: Curate, data: Data) -> None:
+    caption = row.raw.get("caption", "")
+    if not caption.strip():
+        row.reasons.append("missing_caption")
+        return
+    if len(caption) > cfg.max_caption_chars:
+        row.reasons.append("caption_too_long")
+        return
+    words, terms = specificity(caption, cfg)
+    row.quality["specificity"] = terms
+    if words < cfg.min_words or terms < 1:
+        row.reasons.append("vague_caption")
+    stated = chat.parse_label(caption, data.label_pattern, data.labels)
+    label = row.raw.get("label", "").strip()
+    if stated and label in data.labels and stated != label:
+        row.reasons.append("label_conflict")
+
+
+def resolve_inside(root: Path, rel: str) -> Path | None:
+    """The image path if it stays inside the dataset folder (after symlinks), else None."""
+    if not rel or os.path.isabs(rel) or ".." in Path(rel).parts:
+        return None
+    path = (root / rel).resolve()
+    return path if path.is_relative_to(root.resolve()) else None
+
+
+def check_image(row: Row, root: Path, cfg: Curate) -> None:
+    """File checks, then the header (pixel limit), then a full decode; sets sha256 and phash."""
+    rel = row.raw.get("image", "").strip()
+    if not rel:
+        return
+    path = resolve_inside(root, rel)
+    if path is None:
+        row.reasons.append("path_outside_dataset")
+        return
+    if not path.is_file():
+        row.reasons.append("missing_image")
+        return
+    payload = path.read_bytes()
+    if not payload:
+        row.reasons.append("empty_file")
+        return
+    row.path, row.sha256 = path, hashlib.sha256(payload).hexdigest()
+    reason = _decode(row, path, cfg)
+    if reason:
+        row.reasons.append(reason)
+
+
+@contextlib.contextmanager
+def own_pixel_limit():
+    """PIL's decompression-bomb limit off while we enforce our own from the header (before decoding);
+    restored afterwards, so that nothing else in the process loses it."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _decode(row: Row, path: Path, cfg: Curate) -> str | None:
+    try:
+        with own_pixel_limit(), Image.open(path) as img:
+            w, h = img.size
+            if w * h > cfg.max_pixels or max(w, h) > cfg.max_side:
+                return "image_too_large"
+            if min(w, h) < cfg.min_side:
+                return "image_too_small"
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # PIL warns instead of failing on some broken files
+                img.load()
+            row.phash = phash(img.convert("RGB"))
+    except UnidentifiedImageError:
+        return "not_an_image"
+    except (OSError, SyntaxError, ValueError, Warning, Image.DecompressionBombError):
+        return "unreadable_image"
+    return None
+
+
+def phash(img: Image.Image) -> np.ndarray:
+    """256-bit DCT perceptual hash (imagehash, hash_size 16) packed as (4,) uint64.
+
+    The common 64-bit hash cannot tell distinct lesions apart: most of each image is even skin.
+    """
+    import imagehash
+
+    bits = imagehash.phash(img, hash_size=16).hash.flatten()
+    return np.packbits(bits).view(">u8").astype(np.uint64)
+
+
+# ---------------------------------------------------------------------------------------- dataset checks
+def mark_duplicates(rows: list[Row], max_bits: int) -> None:
+    """Exact (sha256) then near (256-bit phash Hamming distance <= max_bits) duplicates: the first member of
+    each group stays, the others get `duplicate_of:<id>`."""
+    clean = [r for r in rows if not r.reasons]
+    first: dict[str, Row] = {}  # sha256 -> the first clean row with those bytes
+    keepers: list[Row] = []
+    for r in clean:
+        if r.sha256 in first:
+            r.reasons.append(f"duplicate_of:{sample_id(first[r.sha256].raw)}")
+        else:
+            first[r.sha256] = r
+            keepers.append(r)
+    if max_bits < 0 or len(keepers) < 2:
+        return
+    hashes = np.stack([r.phash for r in keepers])  # (N, 4)
+    for i, r in enumerate(keepers):
+        if r.reasons:
+            continue
+        dist = np.bitwise_count(hashes[i + 1 :] ^ hashes[i]).sum(1)
+        for j in np.flatnonzero(dist <= max_bits):
+            other = keepers[i + 1 + j]
+            if not other.reasons:
+                other.reasons.append(f"duplicate_of:{sample_id(r.raw)}")
+
+
+def mark_mismatches(rows: list[Row], cfg: Curate) -> dict:
+    """Score the clean pairs with the secondary image-text model; flag `likely_mismatch`.
+
+    Each source (the raw dataset, each ingested batch) is scored by its own cross-fitted detector, so a
+    site's camera is never mistaken for a mismatch and an unchanged source is not scored again: scores
+    are cached by content (`mismatch.cached_scores`), and a re-run after `ingest` scores only the batch."""
+    clean = [r for r in rows if not r.reasons]
+    if not cfg.mismatch.enabled:
+        return {"scored": 0, "flagged": 0, "skipped": "disabled"}
+    sources: dict[str, list[Row]] = {}
+    for r in clean:
+        sources.setdefault(r.raw.get(ROOT_KEY, ""), []).append(r)
+    report = {"scored": 0, "flagged": 0, "score": cfg.mismatch.score, "sources": {}}
+    for name, group in sources.items():
+        key = Path(name).name if name else "raw"
+        if len(group) < 2 * cfg.mismatch.folds:
+            report["sources"][key] = {"scored": 0, "flagged": 0, "skipped": "too few rows"}
+            continue
+        scores = mismatch.cached_scores([str(r.path) for r in group], [r.raw["caption"] for r in group], cfg.mismatch)
+        flag = scores.mismatch_score > cfg.mismatch.threshold
+        if cfg.mismatch.top_fraction is not None:
+            k = int(round(cfg.mismatch.top_fraction * len(group)))
+            flag = np.zeros(len(group), bool)
+            flag[np.argsort(-scores.mismatch_score, kind="stable")[:k]] = True
+        for i, r in enumerate(group):
+            r.quality.update(
+                clip_cosine=round(float(scores.cosine[i]), 6), clip_csls=round(float(scores.csls[i]), 6),
+                mismatch_score=round(float(scores.mismatch_score[i]), 6), mismatch_fold=int(scores.fold[i]),
+            )
+            if flag[i]:
+                r.reasons.append("likely_mismatch")
+        report["sources"][key] = {"scored": len(group), "flagged": int(flag.sum())}
+        report["scored"] += len(group)
+        report["flagged"] += int(flag.sum())
+    if not report["scored"]:
+        report["skipped"] = "too few rows"
+    return report
+
+
+def sample_id(raw: dict[str, str]) -> str:
+    """The id in curated samples and reports: the manifest's id, prefixed by its batch for a row of an
+    ingested batch (`<batch>/<id>`), so that two sources may use the same ids."""
+    rid = raw.get("id", "").strip()
+    return f"{Path(raw[ROOT_KEY]).name}/{rid}" if ROOT_KEY in raw else rid
+
+
+def image_hashes(paths: list[Path], skip_unreadable: bool = False) -> tuple[list[str], np.ndarray]:
+    """(sha256 of each file, (N, 4) 256-bit perceptual hashes); with `skip_unreadable`, files that do not
+    decode are left out (else they raise)."""
+    shas, hashes = [], []
+    for path in paths:
+        try:
+            with own_pixel_limit(), Image.open(path) as img:
+                h = phash(img.convert("RGB"))
+        except (OSError, SyntaxError, ValueError, UnidentifiedImageError):
+            if skip_unreadable:
+                continue
+            raise
+        shas.append(hashlib.sha256(Path(path).read_bytes()).hexdigest())
+        hashes.append(h)
+    return shas, np.stack(hashes) if hashes else np.zeros((0, 4), np.uint64)
+
+
+def duplicates_of(ref: tuple[list[str], np.ndarray], other: tuple[list[str], np.ndarray], max_bits: int) -> np.ndarray:
+    """(M,) mask: which of `other`'s images are exact or near (<= max_bits) duplicates of one of `ref`'s."""
+    same = np.array([s in set(ref[0]) for s in other[0]], bool)
+    if max_bits < 0 or not len(ref[1]) or not len(other[1]):
+        return same
+    dist = np.bitwise_count(other[1][:, None, :] ^ ref[1][None, :, :]).sum(-1)  # (M, N)
+    return same | (dist <= max_bits).any(1)
+
+
+def sample_record(row: Row, image_ref: str, data: Data) -> dict:
+    """An accepted row in the curated format (docs/design.md §3.2), messages in the chat format (§4)."""
+    raw = row.raw
+    prompt = raw.get("prompt", "").strip() or data.prompt
+    return {
+        "id": sample_id(raw), "image": image_ref, "image_sha256": row.sha256,
+        "messages": chat.messages(raw["caption"].strip(), prompt, data.system_prompt),
+        "label": raw.get("label", "").strip() or None,
+        "subgroups": {g: raw.get(g, "").strip() or "unknown" for g in data.subgroups},
+        "patient_id": raw.get("patient_id", "").strip() or sample_id(raw),
+        "site": raw.get("site", ""), "camera": raw.get("camera", ""), "source": raw.get("source", "") or "real",
+        "quality": row.quality,
+    }
+
+
+def quarantine_record(row: Row) -> dict:
+    """The row as read (undecodable bytes shown as \\xNN escapes), its manifest row number, its
+    reasons and whatever scores were computed before it was rejected."""
+    as_read = {k: v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for k, v in row.raw.items()
+               if k != ROOT_KEY}
+    if ROOT_KEY in row.raw:
+        as_read["dataset"] = row.raw[ROOT_KEY]
+    return {**as_read, "row": row.index, "reasons": row.reasons, "quality": row.quality}
+
+
+ROOT_KEY = "__dataset__"  # a row read from another dataset folder (an ingested batch) carries it
+
+
+def curate_rows(raw_rows: list[dict[str, str]], root: Path, cfg: Curate, data: Data, image_prefix: str = "") -> Result:
+    """Curate manifest rows of the dataset at `root`; `image_prefix` is joined to accepted image paths.
+    A row with `ROOT_KEY` belongs to that folder instead (its images are resolved and referenced there)."""
+    has_label = bool(raw_rows) and "label" in raw_rows[0]
+    rows = [Row(index=i, raw=r) for i, r in enumerate(raw_rows)]
+    seen: set[tuple[str, str]] = set()
+    for row in rows:
+        check_fields(row, has_label)
+        key = (row.raw.get(ROOT_KEY, ""), row.raw.get("id", ""))  # ids are unique within a source only
+        if key[1] and key in seen:
+            row.reasons.append("duplicate_id")
+        seen.add(key)
+        check_label(row, data.labels)
+        check_caption(row, cfg, data)
+        check_image(row, Path(row.raw[ROOT_KEY]) if ROOT_KEY in row.raw else root, cfg)
+    mark_duplicates(rows, cfg.near_duplicate_bits)
+    mism = mark_mismatches(rows, cfg)
+    accepted = [sample_record(r, os.path.join(r.raw.get(ROOT_KEY, image_prefix), r.raw["image"].strip()), data)
+                for r in rows if not r.reasons]
+    quarantined = [quarantine_record(r) for r in rows if r.reasons]
+    return Result(accepted, quarantined, _report(rows, accepted, quarantined, mism))
+
+
+def _report(rows, accepted, quarantined, mism) -> dict:
+    reasons: dict[str, int] = {}
+    for q in quarantined:
+        for code in q["reasons"]:
+            key = "duplicate_of" if code.startswith("duplicate_of:") else code
+            reasons[key] = reasons.get(key, 0) + 1
+    assert len(rows) == len(accepted) + len(quarantined)  # nothing is lost
+    return {"rows_in": len(rows), "accepted": len(accepted), "quarantined": len(quarantined),
+            "reasons": dict(sorted(reasons.items())), "mismatch": mism}
