@@ -299,12 +299,13 @@ def check(batch: Path, params: config.Params) -> dict:
 
 
 def pending(params: config.Params) -> list[str]:
-    """The batch folders of `paths.incoming` without a `drift.json` yet: `main` writes it (atomically) only
-    after a finished check, so a failed or interrupted check stays pending."""
+    """The batch folders of `paths.incoming` (absolute paths) without a `drift.json` yet: `main` writes it
+    (atomically) only after a finished check, so a failed or interrupted check stays pending."""
     incoming, drift = Path(params.paths.incoming), Path(params.paths.reports) / "drift"
     if not incoming.is_dir():
         return []
-    return [str(b) for b in sorted(incoming.iterdir()) if b.is_dir() and not (drift / b.name / "drift.json").is_file()]
+    return [str(b.resolve()) for b in sorted(incoming.iterdir())
+            if b.is_dir() and not (drift / b.name / "drift.json").is_file()]  # absolute: other tasks read them
 
 
 def main(params: config.Params, batch: str) -> dict:

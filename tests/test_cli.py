@@ -87,3 +87,17 @@ def test_unreachable_tracking_server_exits_3_naming_it_and_logs_nowhere_else(tmp
 def test_publish_outside_a_project_exits_2(tmp_path):
     r = cli("publish", "--params", str(ROOT / "params.yaml"), cwd=tmp_path)
     assert r.returncode == 2 and "dvc.yaml not found" in r.stderr
+
+
+def test_monitor_pending_lists_the_batches_not_yet_checked(tmp_path):
+    incoming, reports = tmp_path / "incoming", tmp_path / "reports"
+    for name in ("b1", "b2", "b3"):
+        (incoming / name).mkdir(parents=True)
+    (reports / "drift" / "b2").mkdir(parents=True)
+    (reports / "drift" / "b2" / "drift.json").write_text("{}")  # b2 was checked
+    (reports / "drift" / "b3").mkdir()  # b3's check did not finish: still pending
+    r = cli("monitor", "--pending", "--set", f"paths.incoming={incoming}", "--set", f"paths.reports={reports}")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"pending": [str(incoming / "b1"), str(incoming / "b3")]}
+    r = cli("monitor", "--set", f"paths.incoming={incoming}")
+    assert r.returncode == 2 and "--batch" in r.stderr

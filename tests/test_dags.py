@@ -29,7 +29,8 @@ print(json.dumps({{"errors": {{k: str(v) for k, v in bag.import_errors.items()}}
   "f_runs": f.max_active_runs, "f_schedule": str(f.schedule),
   "m_tasks": sorted(m.task_ids), "f_tasks": sorted(f.task_ids),
   "pools": {{t.task_id: t.pool for t in f.tasks}}, "queues": {{t.task_id: t.queue for t in f.tasks}},
-  "trigger": m.get_task("trigger_finetune").partial_kwargs.get("trigger_dag_id")}}))
+  "trigger": m.get_task("trigger_finetune").partial_kwargs.get("trigger_dag_id"),
+  "f_up": {{t.task_id: sorted(t.upstream_task_ids) for t in f.tasks}}}}))
 """, tmp_path)
     assert out["errors"] == {} and out["ids"] == ["finetune", "monitor"]
     assert out["m_schedule"] == "@daily" and out["m_catchup"] is False and out["m_runs"] == 1
@@ -38,6 +39,17 @@ print(json.dumps({{"errors": {{k: str(v) for k, v in bag.import_errors.items()}}
     assert out["f_tasks"] == ["ingest", "promote", "publish", "repro"]
     assert out["pools"]["ingest"] == out["pools"]["repro"] == out["pools"]["publish"] == "dvc"  # never at once
     assert out["queues"]["repro"] == "training" and out["trigger"] == "finetune"
+    # chained with >>, one after the other: ingest -> repro -> publish -> promote
+    assert out["f_up"] == {"ingest": [], "repro": ["ingest"], "publish": ["repro"], "promote": ["publish"]}
+
+
+def test_last_json_reads_the_summary_printed_last():
+    sys.path.insert(0, str(ROOT / "dags"))
+    from _common import last_json
+
+    text = 'log line {not json}\n{"early": 1}\nmore {"x": 2} log\n{\n  "batch": "b", "reasons": [{"k": 1}]\n}\n'
+    assert last_json(text) == {"batch": "b", "reasons": [{"k": 1}]}
+    assert last_json("no summary at all") == {}
 
 
 def test_importing_the_dag_files_imports_no_heavy_library(tmp_path):
