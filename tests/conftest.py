@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -164,3 +165,15 @@ def loop_project_params(params: dict) -> dict:
     p["monitor"]["embedding"] = {"method": "mmd", "threshold": 0.015}
     p["promote"]["min_improvement"] = -1.0
     return p
+
+
+def kill_after_checkpoint(proc, ckpt: Path, step: int, kill, timeout: float = 300) -> None:
+    """Wait until `ckpt` holds at least `step` optimizer steps, then `kill()` the still-running `proc`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] >= step:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training ended before it could be killed"
+    kill()
+    proc.wait()

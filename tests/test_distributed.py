@@ -6,7 +6,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from safetensors.torch import load_file
 from pipeline import config, data as dataio, distributed
 from pipeline.errors import InputError
 
-from conftest import ROOT
+from conftest import ROOT, kill_after_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -146,14 +145,8 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_adapter(tmp_path, b
     proc = subprocess.Popen(train_cmd(b, *sets, f"rdzv_endpoint=127.0.0.1:{free_port()}"), cwd=b, env=env_b,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     ckpt = b / "models" / "checkpoints" / "last.pt"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] >= 4:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "training ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher, torchrun and both ranks, as a machine that dies
-    proc.wait()
+    # the launcher, torchrun and both ranks, as a machine that dies
+    kill_after_checkpoint(proc, ckpt, 4, lambda: os.killpg(proc.pid, signal.SIGKILL))
     blob = torch.load(ckpt, weights_only=True)
     assert 4 <= blob["step"] < 10 and len(blob["rng"]) == 2 and not (b / "models" / "adapter").exists()
     assert not torch.equal(blob["rng"][0]["torch"], blob["rng"][1]["torch"])  # each rank its own dropout

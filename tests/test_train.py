@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from safetensors.torch import load_file
 from pipeline import config, model as modelmod, train
 from pipeline.errors import CheckFailed, InputError
 
-from conftest import ROOT, tiny
+from conftest import ROOT, kill_after_checkpoint, tiny
 
 
 def _params(params, tmp_path, base_dir, **train_kw):
@@ -141,14 +140,7 @@ def test_killed_run_resumes_from_its_checkpoint_and_ends_the_same(params, tmp_pa
     assert r.returncode == 0, r.stderr[-3000:]
     proc = subprocess.Popen(_train_cmd(b), cwd=b, env=env_b, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = b / "models" / "checkpoints" / "last.pt"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] >= 4:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "training ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(proc, ckpt, 4, lambda: proc.send_signal(signal.SIGKILL))
     killed_at = torch.load(ckpt, weights_only=True)["step"]
     assert 4 <= killed_at < 10 and not (b / "models" / "adapter").exists()
     r = subprocess.run(_train_cmd(b), cwd=b, env=env_b, capture_output=True, text=True)
