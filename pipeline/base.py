@@ -67,9 +67,9 @@ def generic_samples(n: int, seed: int, size: int, system_prompt: str) -> list[di
 
 
 def domain_captions(params: config.Params) -> list[str]:
-    """The distinct captions of the training split (at most `base.corpus_captions`, in a seeded order);
-    none before a split exists. Never the validation or test split."""
-    train = Path(params.paths.split) / "train.jsonl"
+    """The distinct captions of `base.captions` (the training split, or the copy `ingest` froze; at most
+    `base.corpus_captions`, in a fixed order); none before a split exists. Never val or test."""
+    train = Path(params.base.captions)
     if not train.is_file():
         return []
     captions = sorted({chat.answer(r["messages"]).strip() for r in dataio.read_jsonl(train)})

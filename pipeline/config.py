@@ -146,7 +146,8 @@ class Base:
     steps: int = 300
     batch_size: int = 16
     lr: float = 2e-3
-    corpus_captions: int = 2000   # at most this many training-split captions for the tokenizer and the LM
+    captions: str = "data/split/train.jsonl"  # whose captions it reads: the training split (ingest freezes it)
+    corpus_captions: int = 2000   # at most this many of them for the tokenizer and the LM
     text_batch_size: int = 16     # training-split captions read text-only each step (0: none)
 
 

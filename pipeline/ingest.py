@@ -64,7 +64,20 @@ def drop_training_duplicates(held: list[dict], held_images: list[Path], train_ro
     return [r for r, d in zip(held, dup) if not d], int(dup.sum())
 
 
-def update_params(path: Path, batch: str, held_out: str, old_test: str, method: str) -> None:
+def freeze_base_captions(params: config.Params, out: Path, eval_dst: Path) -> str | None:
+    """The built-in base reads the training split's captions; the split is about to grow with the batch.
+    Keep a copy of what the champion's base read, so that `base` rebuilds the same weights and the
+    re-fine-tune starts from the champion's base (and champion and challenger stay comparable). Done once:
+    a base already reading a frozen copy keeps it."""
+    live = Path(params.base.captions)
+    if not live.is_file() or live.resolve() != (Path(params.paths.split) / "train.jsonl").resolve():
+        return None
+    shutil.copy2(live, out / "base_captions.jsonl")
+    return str(eval_dst / "base_captions.jsonl")
+
+
+def update_params(path: Path, batch: str, held_out: str, old_test: str, method: str,
+                  base_captions: str | None = None) -> None:
     """Round-trip edit of params.yaml (comments and order kept)."""
     from ruamel.yaml import YAML
 
@@ -81,6 +94,8 @@ def update_params(path: Path, batch: str, held_out: str, old_test: str, method: 
     pinned = list(doc["split"].get("pinned_test") or [])
     doc["split"]["pinned_test"] = pinned + [old_test]
     doc.setdefault("train", {}).setdefault("peft", {})["method"] = method
+    if base_captions:
+        doc.setdefault("base", {})["captions"] = base_captions
     tmp = path.with_suffix(".yaml.tmp")
     with open(tmp, "w") as fh:
         yaml.dump(doc, fh)
@@ -123,13 +138,15 @@ def main(params: config.Params, batch: str, params_file: str = "params.yaml") ->
         dataio.write_jsonl(out / "samples.jsonl", kept)
         dataio.write_jsonl(out / "quarantine.jsonl", result.quarantined)
         shutil.copy2(test, out / "old_test.jsonl")
+        base_captions = freeze_base_captions(params, out, eval_dst)
     with dataio.atomic_dir(raw_dst) as out:
         _write_part(train_rows, src, out)
     vcs.track([raw_dst, eval_dst])  # in a DVC project: both become DVC-tracked data (pushed by `publish`)
     update_params(Path(params_file), name, str(eval_dst / "samples.jsonl"), str(eval_dst / "old_test.jsonl"),
-                  params.ingest.method)
+                  params.ingest.method, base_captions)
     return {"batch": name, "train_rows": len(train_rows), "held_out_rows": len(held_rows),
             "held_out_accepted": len(kept), "held_out_quarantined": len(result.quarantined),
             "held_out_duplicates_of_training": dropped,
             "raw": str(raw_dst), "eval": str(eval_dst), "params_updated": params_file,
+            "base_captions_frozen": base_captions,
             "unlabelled_rows": len(missing)}

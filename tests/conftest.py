@@ -58,7 +58,8 @@ def tiny(params: config.Params, root: Path, **train_kw) -> config.Params:
     """Params for a fast run under `root`: 30-step base, 8-step fine-tune, batch 4."""
     paths = dataclasses.replace(params.paths, raw=str(root / "raw"), curated=str(root / "curated"),
                                 split=str(root / "split"), models=str(root / "models"), reports=str(root / "reports"))
-    base = dataclasses.replace(params.base, images=64, steps=30, batch_size=8, corpus_captions=300)
+    base = dataclasses.replace(params.base, images=64, steps=30, batch_size=8, corpus_captions=300,
+                               captions=str(root / "split" / "train.jsonl"))
     kw = dict(epochs=1, max_steps=8, batch_size=4, checkpoint_every=4, warmup_steps=2)
     train = dataclasses.replace(params.train, **{**kw, **train_kw})
     model = dataclasses.replace(params.model, image_size=64)  # tests: 64 px (the benchmark's default is 96)

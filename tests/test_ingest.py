@@ -23,6 +23,7 @@ def test_ingest_adds_a_batch_without_touching_the_raw_data(params, tmp_path, rec
     sp = tmp_path / "data" / "split"
     sp.mkdir(parents=True)
     dataio.write_jsonl(sp / "test.jsonl", records[32:])
+    dataio.write_jsonl(sp / "train.jsonl", records[:24])
     batch = make_dataset(tmp_path / "data" / "incoming" / "b1", params, n=30, image_size=64, seed=22,
                          site="hospital_b", camera="phone", faults=clean)
     p = config.load("params.yaml")
@@ -46,6 +47,9 @@ def test_ingest_adds_a_batch_without_touching_the_raw_data(params, tmp_path, rec
     assert q.train.peft.method == "qlora" and q.promote.improve_on == ("b1",)
     assert q.evaluate.sets == {"b1": "data/eval/b1/samples.jsonl", "b1_old_test": "data/eval/b1/old_test.jsonl"}
     assert q.split.pinned_test == ("data/eval/b1/old_test.jsonl",)
+    # the base's captions frozen as they were: a re-fine-tune starts from the champion's base
+    assert q.base.captions == out["base_captions_frozen"] == "data/eval/b1/base_captions.jsonl"
+    assert (tmp_path / q.base.captions).read_bytes() == (sp / "train.jsonl").read_bytes()
     with pytest.raises(InputError, match="already ingested"):
         ingest.main(q, str(batch), "params.yaml")
     assert yaml.safe_load((tmp_path / "params.yaml").read_text())["split"]["pinned_test"] == ["data/eval/b1/old_test.jsonl"]
