@@ -11,7 +11,6 @@ if it beats it on the primary metric on `promote.improve_on` and falls by no mor
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -82,7 +81,11 @@ def compare(challenger: dict, champion: dict, cfg: config.Promote) -> tuple[bool
 
 
 def evaluate_champion(c, version, params: config.Params) -> dict | None:
-    """The champion's metrics on today's evaluation sets (None if it cannot run on today's base)."""
+    """The champion's metrics on today's evaluation sets; None only when it was trained on another
+    `model.base` (the one case where a challenger may replace it without a comparison). Any other failure
+    to evaluate it stops the decision (CheckFailed, exit 1): a model is never promoted by default."""
+    if version.tags.get("base", params.model.base) != params.model.base:
+        return None
     sets, mismatch = scoring.load_sets(params)
     with tempfile.TemporaryDirectory() as tmp:
         from mlflow.artifacts import download_artifacts
@@ -91,8 +94,8 @@ def evaluate_champion(c, version, params: config.Params) -> dict | None:
         try:
             metrics, _ = scoring.evaluate_adapter(local, sets, mismatch, params)
         except InputError as e:
-            print(f"promote: champion v{version.version} cannot be evaluated here: {e}", file=sys.stderr)
-            return None
+            raise CheckFailed(f"promote: champion v{version.version} could not be evaluated, so nothing is "
+                              f"compared and no alias moves: {e}") from None
     return metrics
 
 
@@ -118,18 +121,21 @@ def promote(params: config.Params) -> dict:
     if failed:
         c.set_model_version_tag(name, v, "decision", "rejected: gates failed")
         raise CheckFailed(f"promote: version {v} not promoted; failing gates:\n  " + "\n  ".join(failed))
-    c.set_registered_model_alias(name, "challenger", v)
     champion = tracking.alias_version(c, name, "champion")
     if champion is not None and str(champion.version) == v:
+        c.set_registered_model_alias(name, "challenger", v)
         return {"version": v, "decision": "already champion", "champion": v}
+    # the champion is scored before any alias moves: a failure there leaves every alias where it was
+    champ_metrics = evaluate_champion(c, champion, params) if champion is not None else None
+    c.set_registered_model_alias(name, "challenger", v)
     reasons: list[str] = []
     if champion is None:
         better, reasons = True, ["no champion yet: the first version that passes every gate becomes champion"]
     else:
-        champ_metrics = evaluate_champion(c, champion, params)
         if champ_metrics is None:
-            better, reasons = True, [f"champion v{champion.version} does not run on model.base "
-                                     f"{params.model.base!r}; the challenger replaces it"]
+            better, reasons = True, [f"champion v{champion.version} was trained on model.base "
+                                     f"{champion.tags.get('base')!r}, today's is {params.model.base!r}: the "
+                                     "challenger replaces it without a comparison"]
         else:
             better, reasons = compare(metrics, champ_metrics, params.promote)
     if not better:

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -97,3 +98,30 @@ def test_an_adapter_for_another_base_is_refused(params, tmp_path, base_dir, reco
     meta.write_text(json.dumps({**m, "base": "google/gemma-3-4b-it"}))
     with pytest.raises(InputError, match="was trained on base 'google/gemma-3-4b-it'"):
         evaluate.main(p)
+
+
+@pytest.mark.slow
+def test_a_champion_that_cannot_be_evaluated_stops_the_decision(params, tmp_path, base_dir, records, registry,
+                                                                  monkeypatch):
+    """Never promoted by default: a champion that fails to load (here: its adapter claims other base
+    weights) stops promote with exit 1 and moves no alias; only a champion of another `model.base` is
+    replaced without a comparison, and the decision says so."""
+    from urllib.parse import urlparse
+
+    monkeypatch.chdir(tmp_path)
+    name = params.mlflow.registered_model
+    p1 = trained_project(params, tmp_path / "a", base_dir, records, seed=0)
+    evaluate.main(p1)
+    v1 = promote.main(p1)["version"]
+    meta = Path(urlparse(registry.get_model_version(name, v1).source).path) / "pipeline_meta.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "base_weights_sha256": "0" * 64}))
+    p2 = trained_project(params, tmp_path / "b", base_dir, records, seed=1)
+    evaluate.main(p2)
+    with pytest.raises(CheckFailed, match=f"champion v{v1} could not be evaluated.*base weights {'0' * 64}"):
+        promote.main(_with(p2, min_improvement=-1.0))
+    assert _aliases(registry, name) == {"champion": v1, "challenger": v1, "previous": None}
+    registry.set_model_version_tag(name, v1, "base", "google/gemma-3-4b-it")  # trained on another base
+    taken = promote.main(_with(p2, min_improvement=-1.0))
+    assert taken["decision"] == "promoted" and "without a comparison" in taken["reasons"][0]
+    assert "'google/gemma-3-4b-it'" in taken["reasons"][0]
+    assert _aliases(registry, name) == {"champion": taken["version"], "challenger": taken["version"], "previous": v1}
