@@ -93,6 +93,13 @@ export AIRFLOW__LOGGING__BASE_LOG_FOLDER="$DIR/airflow/logs"
 SH
 }
 
+# Each service runs under a small supervisor, as `restart: unless-stopped` does in docker/compose.yaml: a
+# service that exits after running a while (the scheduler when PostgreSQL restarts under it) is started
+# again; one that exits within 30 s of its start is not (a broken configuration fails fast at start).
+SUPERVISE='svc="$1"; while :; do t=$SECONDS; bash "$0" "$svc"; code=$?
+  if (( SECONDS - t < 30 )); then echo "cluster: $svc exited ($code) within 30 s of its start: not restarted"; exit $code; fi
+  echo "cluster: $svc exited ($code); restarting it in 5 s"; sleep 5; done'
+
 start_one() {  # NAME: own process group (setsid), so stop / restart-service take its children too
   local name="$1" svc="$1" extra=()
   case "$name" in
@@ -101,7 +108,8 @@ start_one() {  # NAME: own process group (setsid), so stop / restart-service tak
                                    AIRFLOW__CELERY__WORKER_LOG_SERVER_PORT=8794) ;;
   esac
   ( source "$DIR/env.sh"; cd "$DIR"
-    exec env "${extra[@]}" setsid bash "$ROOT/docker/services.sh" "$svc" >> "$DIR/logs/$name.log" 2>&1 < /dev/null ) &
+    exec env "${extra[@]}" setsid bash -c "$SUPERVISE" "$ROOT/docker/services.sh" "$svc" \
+      >> "$DIR/logs/$name.log" 2>&1 < /dev/null ) &
   echo $! > "$DIR/pids/$name"
 }
 
@@ -171,7 +179,7 @@ case "${1:-}" in
     for s in "${SERVICES[@]}"; do
       if [ -f "$DIR/pids/$s" ] && kill -0 "$(cat "$DIR/pids/$s")" 2>/dev/null; then echo "$s running"; else echo "$s stopped"; fi
     done ;;
-  kill-service)   # SIGKILL one service and every process under it (a crashed machine), no restart
+  kill-service)   # SIGKILL one service, its supervisor and every process under it (a crashed machine)
     # (by the process tree, not the group: Airflow's task supervisor starts each task in its own session)
     f="$DIR/pids/${2:?service}"
     "$PY" - "$(cat "$f")" <<'PY'
