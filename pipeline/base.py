@@ -11,58 +11,180 @@ captions are never read. A Hugging Face id in `model.base` skips this stage.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 from pipeline import chat, config, data as dataio, model as modelmod
 from pipeline.collate import Collator
 from pipeline.model import answer_ce, to_device
 from pipeline.optim import schedule
 
-SHAPE_COLOURS = {"white": (236, 234, 228), "red": (184, 58, 60), "light brown": (176, 122, 80),
-                 "dark brown": (96, 56, 34), "blue-grey": (104, 120, 142), "black": (28, 24, 24)}
-SHAPES = ("circle", "square", "triangle", "ring")
-BACKGROUNDS = {"light": (225, 200, 180), "dark": (110, 80, 60)}
+# The base's own visual vocabulary: generic words, its own palette (each colour jittered per shape).
+PALETTE = {"red": (200, 40, 45), "orange": (235, 130, 30), "yellow": (235, 210, 50), "green": (60, 150, 70),
+           "teal": (40, 140, 140), "blue": (50, 90, 200), "purple": (120, 60, 160), "pink": (230, 130, 170),
+           "brown": (120, 80, 45), "grey": (128, 128, 128), "white": (245, 245, 240), "black": (20, 20, 25)}
+GROUNDS = {"pale": (215, 212, 205), "dark": (55, 55, 60), "beige": (200, 180, 150), "sky-blue": (160, 190, 220),
+           "olive": (120, 125, 80)}
+SHAPES = ("circle", "square", "triangle", "ring", "star", "cross", "bar", "blob")
+TEXTURES = ("plain", "dotted", "striped", "mottled", "speckled")
+SIZES = {"small": 0.09, "medium": 0.15, "large": 0.23}
+PLACES = {"top left": (0.28, 0.28), "top": (0.5, 0.25), "top right": (0.72, 0.28), "left": (0.25, 0.5),
+          "centre": (0.5, 0.5), "right": (0.75, 0.5), "bottom left": (0.28, 0.72), "bottom": (0.5, 0.75),
+          "bottom right": (0.72, 0.72)}
+COUNT_WORDS = ("no", "one", "two", "three", "four", "five", "six")
 PROMPT = "Describe the image."
 TOKENIZER_SEED = 0  # the tokenizer's corpus does not move with base.seed: a re-pre-trained base keeps its config
 
 
-def draw_shapes(rng: np.random.Generator, size: int) -> tuple[Image.Image, str]:
-    """One generic image and its caption: 1-2 coloured shapes of two sizes on a light or dark ground."""
-    bg = list(BACKGROUNDS)[int(rng.integers(2))]
-    img = Image.new("RGB", (size, size), BACKGROUNDS[bg])
-    draw = ImageDraw.Draw(img)
+@dataclass(frozen=True)
+class Thing:
+    shape: str
+    colour: str
+    size: str
+    place: str
+    texture: str
+    blurred: bool
+    symmetric: bool
+
+
+def plan_scene(rng: np.random.Generator) -> tuple[str, str, list[Thing], int, str]:
+    """What one scene shows: ground, ground texture, 1-3 things at distinct places, and 0-6 scattered
+    marks of one colour (counted). Pixels are drawn from this plan by `render_scene`."""
+    ground = list(GROUNDS)[int(rng.integers(len(GROUNDS)))]
+    ground_texture = ("plain", "mottled", "speckled")[int(rng.integers(3))]
+    places = rng.choice(len(PLACES), size=int(rng.integers(1, 4)), replace=False)
+    things = []
+    for k in places:
+        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        things.append(Thing(shape=shape, colour=list(PALETTE)[int(rng.integers(len(PALETTE)))],
+                            size=list(SIZES)[int(rng.integers(len(SIZES)))], place=list(PLACES)[int(k)],
+                            texture=TEXTURES[int(rng.integers(len(TEXTURES)))], blurred=bool(rng.integers(2)),
+                            symmetric=shape != "blob" or bool(rng.integers(2))))
+    marks = int(rng.integers(0, 7)) if rng.random() < 0.5 else 0
+    mark_colour = list(PALETTE)[int(rng.integers(len(PALETTE)))]
+    return ground, ground_texture, things, marks, mark_colour
+
+
+def describe(ground: str, ground_texture: str, things: list[Thing], marks: int, mark_colour: str) -> str:
+    """The scene's caption, generic English: what, where, how big, its colour, texture and border."""
     parts = []
-    for k in range(int(rng.integers(1, 3))):
-        colour = list(SHAPE_COLOURS)[int(rng.integers(len(SHAPE_COLOURS)))]
-        shape, big = SHAPES[int(rng.integers(len(SHAPES)))], bool(rng.integers(2))
-        r = size * (0.22 if big else 0.11)
-        cx = size * (0.3 + 0.4 * k) + rng.uniform(-3, 3)
-        cy = size * 0.5 + rng.uniform(-size * 0.2, size * 0.2)
-        box = (cx - r, cy - r, cx + r, cy + r)
-        fill = SHAPE_COLOURS[colour]
-        if shape == "circle":
-            draw.ellipse(box, fill=fill)
-        elif shape == "square":
-            draw.rectangle(box, fill=fill)
-        elif shape == "triangle":
-            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
-        else:
-            draw.ellipse(box, outline=fill, width=max(2, int(r / 3)))
-        parts.append(f"a {'large' if big else 'small'} {colour} {shape}")
-    caption = f"{' and '.join(parts).capitalize()} on a {bg} background."
-    return img, caption
+    for t in things:
+        texture = "" if t.texture == "plain" else f"{t.texture} "
+        shape = t.shape if t.shape != "blob" else ("symmetric blob" if t.symmetric else "irregular blob")
+        border = "blurred" if t.blurred else "sharp"
+        parts.append(f"a {t.size} {texture}{t.colour} {shape} with a {border} border at the {t.place}")
+    n = len(things)
+    text = f"{COUNT_WORDS[n].capitalize()} shape{'s' if n > 1 else ''}: " + "; ".join(parts) + "."
+    ground_words = f"a {ground} background" if ground_texture == "plain" else f"a {ground_texture} {ground} background"
+    text += f" {'They lie' if n > 1 else 'It lies'} on {ground_words}."
+    if marks:
+        text += f" {COUNT_WORDS[marks].capitalize()} small {mark_colour} mark{'s' if marks > 1 else ''} scattered around."
+    return text
+
+
+def _jitter(rng: np.random.Generator, rgb: tuple[int, int, int], amount: float = 18) -> np.ndarray:
+    return np.clip(np.array(rgb, np.float32) + rng.normal(0, amount, 3), 0, 255) / 255
+
+
+def _texture(rng: np.random.Generator, colour: np.ndarray, kind: str, size: int) -> np.ndarray:
+    """(size, size, 3) fill in [0, 1]: plain, dotted (a lattice of darker dots), striped (bands at an
+    angle), mottled (low-frequency light and dark patches), speckled (fine random grains)."""
+    out = np.broadcast_to(colour, (size, size, 3)).copy()
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    other = np.where(colour.mean() > 0.5, colour * 0.45, np.minimum(colour + 0.45, 1))
+    if kind == "dotted":
+        period = rng.uniform(0.07, 0.11)
+        fx, fy = (xx / period) % 1 - 0.5, (yy / period) % 1 - 0.5
+        mask = (fx ** 2 + fy ** 2) < 0.07
+        out[mask] = other
+    elif kind == "striped":
+        angle, period = rng.uniform(0, np.pi), rng.uniform(0.08, 0.14)
+        mask = ((xx * np.cos(angle) + yy * np.sin(angle)) / period) % 1 < 0.45
+        out[mask] = other
+    elif kind == "mottled":
+        coarse = rng.uniform(-1, 1, (5, 5)).astype(np.float32)
+        noise = np.asarray(Image.fromarray(coarse, mode="F").resize((size, size), Image.BICUBIC), np.float32)
+        out = np.clip(out * (1 + 0.35 * noise[..., None]), 0, 1)
+    elif kind == "speckled":
+        mask = rng.random((size, size)) < 0.18
+        out[mask] = other
+    return out
+
+
+def _shape_mask(rng: np.random.Generator, t: Thing, size: int) -> Image.Image:
+    r = size * SIZES[t.size] * rng.uniform(0.9, 1.1)
+    cx, cy = (np.array(PLACES[t.place]) + rng.uniform(-0.03, 0.03, 2)) * size
+    mask = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(mask)
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if t.shape == "circle":
+        draw.ellipse(box, fill=255)
+    elif t.shape == "square":
+        draw.rectangle(box, fill=255)
+    elif t.shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=255)
+    elif t.shape == "ring":
+        draw.ellipse(box, outline=255, width=max(2, int(r / 3)))
+    elif t.shape == "star":
+        pts = [(cx + (r if i % 2 == 0 else r * 0.45) * np.sin(np.pi * i / 5),
+                cy - (r if i % 2 == 0 else r * 0.45) * np.cos(np.pi * i / 5)) for i in range(10)]
+        draw.polygon(pts, fill=255)
+    elif t.shape == "cross":
+        w = r / 3
+        draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=255)
+        draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=255)
+    elif t.shape == "bar":
+        draw.rectangle((cx - r * 1.3, cy - r * 0.35, cx + r * 1.3, cy + r * 0.35), fill=255)
+    else:  # blob: a smooth closed curve; irregular = odd harmonics (no axis of symmetry)
+        theta = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+        radius = 1 + rng.uniform(0.05, 0.15) * np.cos(2 * theta)
+        if not t.symmetric:
+            radius += rng.uniform(0.2, 0.3) * np.cos(theta + rng.uniform(0, 6.3)) \
+                + rng.uniform(0.1, 0.2) * np.sin(3 * theta + rng.uniform(0, 6.3))
+        draw.polygon([(cx + r * q * np.cos(a), cy + r * q * np.sin(a)) for q, a in zip(radius, theta)], fill=255)
+    if t.blurred:
+        mask = mask.filter(ImageFilter.GaussianBlur(radius=max(1.0, r / 6)))
+    return mask
+
+
+def render_scene(rng: np.random.Generator, plan: tuple, size: int) -> Image.Image:
+    """The pixels of a planned scene: textured, jittered colours, shapes alpha-composited in order."""
+    ground, ground_texture, things, marks, mark_colour = plan
+    colour = _jitter(rng, GROUNDS[ground], 10)
+    img = 0.6 * colour + 0.4 * _texture(rng, colour, ground_texture, size)  # a ground's texture is faint
+    for t in things:
+        alpha = np.asarray(_shape_mask(rng, t, size), np.float32)[..., None] / 255
+        fill = _texture(rng, _jitter(rng, PALETTE[t.colour]), t.texture, size)
+        img = img * (1 - alpha) + fill * alpha
+    if marks:
+        mask = Image.new("L", (size, size), 0)
+        draw = ImageDraw.Draw(mask)
+        for _ in range(marks):
+            x, y, r = rng.uniform(0.08, 0.92) * size, rng.uniform(0.08, 0.92) * size, max(1.0, size * 0.025)
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=255)
+        alpha = np.asarray(mask, np.float32)[..., None] / 255
+        img = img * (1 - alpha) + _jitter(rng, PALETTE[mark_colour], 10) * alpha
+    return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
+
+
+def draw_scene(rng: np.random.Generator, size: int) -> tuple[Image.Image, str]:
+    """One generic image and its caption. The plan (and so the caption) comes from `rng` alone; the
+    pixels from a child generator, so a caption does not depend on the image size."""
+    plan = plan_scene(rng)
+    pixels = np.random.default_rng(rng.integers(2 ** 63))
+    return render_scene(pixels, plan, size), describe(*plan)
 
 
 def generic_samples(n: int, seed: int, size: int, system_prompt: str) -> list[dict]:
     rng = np.random.default_rng([seed, 99])
     out = []
     for i in range(n):
-        img, caption = draw_shapes(rng, size)
-        out.append({"id": f"shape-{i:05d}", "image": img, "messages": chat.messages(caption, PROMPT, system_prompt)})
+        img, caption = draw_scene(rng, size)
+        out.append({"id": f"scene-{i:05d}", "image": img, "messages": chat.messages(caption, PROMPT, system_prompt)})
     return out
 
 

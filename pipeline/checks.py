@@ -22,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline import chat, data as dataio, mismatch
 from pipeline.config import Curate, Data
+from pipeline.errors import InputError
 
 
 @dataclass
@@ -295,6 +296,33 @@ def quarantine_record(row: Row) -> dict:
 
 
 ROOT_KEY = "__dataset__"  # a row read from another dataset folder (an ingested batch) carries it
+
+
+def check_data_params(raw_rows: list[dict[str, str]], data: Data, where: str) -> None:
+    """The `data` params against what a dataset holds, before any work (exit 2, nothing written): a
+    params file of another domain that leaves a default in force names the key and what the data holds.
+    Checked: every `data.subgroups` column exists; some rows carry one of `data.labels`; the
+    `data.positive_label` is one of them; `data.label_pattern` finds a label in some caption."""
+    if not raw_rows:
+        return
+    columns = sorted({k for r in raw_rows for k in r if k != ROOT_KEY})
+    if "label" in columns and not data.labels:
+        raise InputError(f"data.labels: empty, but {where} has a label column: list the dataset's labels")
+    missing = [g for g in data.subgroups if g not in columns]
+    if missing:
+        raise InputError(f"data.subgroups: column(s) {missing} not in {where}; its columns are {columns}")
+    if data.positive_label and data.positive_label not in data.labels:
+        raise InputError(f"data.positive_label: {data.positive_label!r} is not one of data.labels {list(data.labels)}")
+    if "label" in columns:
+        found = sorted({(r.get("label") or "").strip() for r in raw_rows} - {""})
+        if found and not set(found) & set(data.labels):
+            raise InputError(f"data.labels: none of {list(data.labels)} occurs in {where}; its labels are {found[:20]}")
+    captions = [(r.get("caption") or "") for r in raw_rows]
+    if any(captions) and not any(chat.parse_label(c, data.label_pattern, data.labels) for c in captions):
+        example = next(c for c in captions if c)
+        example = example if len(example) <= 160 else "..." + example[-157:]
+        raise InputError(f"data.label_pattern: {data.label_pattern!r} reads none of data.labels out of any caption "
+                         f"in {where} (a caption: {example!r})")
 
 
 def curate_rows(raw_rows: list[dict[str, str]], root: Path, cfg: Curate, data: Data, image_prefix: str = "") -> Result:

@@ -31,12 +31,14 @@ class Paths:
 
 @dataclass(frozen=True)
 class Data:
-    labels: tuple[str, ...] = ("benign", "suspicious", "melanoma")
-    positive_label: str = "melanoma"
-    subgroups: tuple[str, ...] = ("fitzpatrick",)
+    """What the dataset at hand is: no default belongs to one domain (params.yaml sets the lesions')."""
+
+    labels: tuple[str, ...] = ()
+    positive_label: str = ""          # the label whose recall is compared across subgroups ("": none)
+    subgroups: tuple[str, ...] = ()
     system_prompt: str = ""
-    prompt: str = "Describe this lesion."
-    label_pattern: str = r"Clinical impression: (\w+)"
+    prompt: str = "Describe the image."
+    label_pattern: str = r"Label: (\w+)"
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ class Mismatch:
     lr: float = 2e-3
     weight_decay: float = 0.2
     shift: float = 0.1
+    rotate_flip: bool = True      # random 90° rotations and flips: only if no caption names a side
     image_size: int = 96
     embed_dim: int = 64
     score: Literal["csls", "cosine"] = "csls"
@@ -217,7 +220,7 @@ class Train:
 @dataclass(frozen=True)
 class MlflowCfg:
     experiment: str = "multimodal-alignment"
-    registered_model: str = "lesion-adapter"
+    registered_model: str = "multimodal-adapter"
 
 
 @dataclass(frozen=True)
@@ -235,6 +238,7 @@ class Gates:
     max_ignore_rate: float = 0.2
     max_bias_gap: float = 0.3     # judged on the upper confidence bound of the largest F1 gap
     min_mismatch_auroc: float = 0.7
+    max_recall_gap: Optional[float] = None  # upper bound of the largest recall gap of data.positive_label; null: not judged
 
 
 @dataclass(frozen=True)

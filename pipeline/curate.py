@@ -31,6 +31,7 @@ def main(params: Params) -> dict:
     """Read `paths.raw`, write `paths.curated` atomically."""
     root = Path(params.paths.raw)
     rows = read_rows(root, Path(params.paths.batches))
+    checks.check_data_params(rows, params.data, f"the manifest of {root}")
     result = run(rows, root, params.curate, params.data, image_prefix=params.paths.raw)
     with dataio.atomic_dir(Path(params.paths.curated)) as out:
         dataio.write_jsonl(out / "samples.jsonl", result.accepted)

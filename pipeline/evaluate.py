@@ -49,14 +49,22 @@ def plots(metrics: dict, labels: Sequence[str], steps_csv: Path, out: Path) -> l
         fig, ax = plt.subplots(figsize=(5, 3.2))
         keys = list(groups)
         x = np.arange(len(keys))
-        pos = next((k for k in next(iter(groups.values())) if k.startswith("recall_")), None)
-        ax.bar(x - 0.2, [groups[k]["f1_macro"] for k in keys], 0.4, label="macro-F1")
+        pos = next((k for k in next(iter(groups.values())) if k.startswith("recall_") and not k.endswith("_ci")), None)
+
+        def bars(offset: float, key: str, label: str) -> None:  # value, and its bootstrap interval as a whisker
+            vals = [groups[k][key] or 0 for k in keys]
+            ci = [groups[k].get(f"{key}_ci") or [v, v] for k, v in zip(keys, vals)]
+            err = [[max(0.0, v - c[0]) for v, c in zip(vals, ci)], [max(0.0, c[1] - v) for v, c in zip(vals, ci)]]
+            ax.bar(x + offset, vals, 0.4, yerr=err, capsize=3, label=label)
+
+        bars(-0.2, "f1_macro", "macro-F1")
         if pos:
-            ax.bar(x + 0.2, [groups[k][pos] or 0 for k in keys], 0.4, label=pos.replace("_", " "))
+            bars(0.2, pos, pos.replace("_", " "))
         ax.set_xticks(x, [f"{k}\n(n={groups[k]['n']})" for k in keys], fontsize=8)
         ax.set_ylim(0, 1.05)
         ax.legend(fontsize=8)
-        ax.set_title(f"per {metrics['bias'].get('subgroup')}")
+        ax.set_title(f"per {metrics['bias'].get('subgroup')} ({metrics['bias'].get('confidence', 0.95):.0%} bootstrap intervals)",
+                     fontsize=9)
         fig.tight_layout()
         fig.savefig(out / "subgroups.png", dpi=100)
         plt.close(fig)
@@ -85,7 +93,8 @@ def flat_metrics(m: dict, prefix: str = "") -> dict[str, float]:
     """Numeric leaves of the metrics as MLflow metric names (`image_reliance.ignore_rate`, ...)."""
     out = {}
     for k, v in m.items():
-        if k in ("confusion", "unparseable", "max_gap_ci", "max_gap_groups", "insufficient", "subgroup", "per_value"):
+        if k in ("confusion", "unparseable", "max_gap_ci", "max_gap_groups", "insufficient", "subgroup", "per_value",
+                 "confidence"):
             continue
         key = f"{prefix}{k}".replace("@", "_at_")
         if isinstance(v, dict):

@@ -64,12 +64,14 @@ def tokenize(captions: list[str]) -> torch.Tensor:
     return SimpleTokenizer(context_length=77)(captions)
 
 
-def _augment(x: torch.Tensor, gen: torch.Generator, shift: float = 0.0) -> torch.Tensor:
-    """Random 90° rotations, flips and shifts (per batch): lesion attributes do not depend on them."""
-    k = int(torch.randint(0, 4, (1,), generator=gen))
-    x = torch.rot90(x, k, dims=(2, 3))
-    if bool(torch.randint(0, 2, (1,), generator=gen)):
-        x = torch.flip(x, dims=(3,))
+def _augment(x: torch.Tensor, gen: torch.Generator, shift: float = 0.0, rotate_flip: bool = True) -> torch.Tensor:
+    """Random shifts, and random 90° rotations and flips (per batch) when `rotate_flip`: only for data
+    whose captions never name a side or an orientation (`curate.mismatch.rotate_flip`)."""
+    if rotate_flip:
+        k = int(torch.randint(0, 4, (1,), generator=gen))
+        x = torch.rot90(x, k, dims=(2, 3))
+        if bool(torch.randint(0, 2, (1,), generator=gen)):
+            x = torch.flip(x, dims=(3,))
     pad = int(shift * x.shape[-1])
     if pad:
         size = x.shape[-1]
@@ -93,7 +95,7 @@ def train_clip(images: torch.Tensor, tokens: torch.Tensor, cfg: Mismatch, seed: 
         perm = torch.randperm(len(images), generator=gen)
         for s in range(steps_per_epoch):
             idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
-            img_f, txt_f, scale = model(_augment(images[idx], gen, cfg.shift), tokens[idx])
+            img_f, txt_f, scale = model(_augment(images[idx], gen, cfg.shift, cfg.rotate_flip), tokens[idx])
             loss = loss_fn(img_f, txt_f, scale)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -176,38 +176,53 @@ def group_metrics(y_true: Sequence[str], y_pred: Sequence, positive: str) -> dic
 
 def bias(y_true: Sequence[str], y_pred: Sequence, groups: Sequence[str], positive: str, cfg: config.Bias,
          seed: int) -> dict:
-    """Per-group n, macro-F1, positive recall; the largest F1 gap among groups of sufficient size with a
-    seeded bootstrap interval (resampling within each group)."""
+    """Per-group n, macro-F1 and recall of the positive label, each with a bootstrap interval; the largest
+    macro-F1 gap and the largest positive-recall gap (equal opportunity) among groups of sufficient size,
+    each with a seeded bootstrap interval (resampling within each group)."""
     y, p, g = np.asarray(y_true, object), np.asarray(_clean(y_pred), object), np.asarray(groups, object)
-    table, sufficient = {}, []
+    rkey = f"recall_{positive}"
+    table, members = {}, {}
     for name in sorted(set(g.tolist())):
         idx = np.flatnonzero(g == name)
-        row = {"n": int(len(idx)), **group_metrics(y[idx], p[idx], positive),
-               "insufficient": bool(len(idx) < cfg.min_group_size)}
-        table[name] = row
-        if not row["insufficient"]:
-            sufficient.append(idx)
-    out = {"groups": table, "insufficient": sorted(k for k, v in table.items() if v["insufficient"]),
-           "max_gap": None, "max_gap_ci": None, f"max_gap_recall_{positive}": None}
-    if len(sufficient) < 2:
-        return out
+        members[name] = idx
+        table[name] = {"n": int(len(idx)), "n_positive": int(np.sum(y[idx] == positive)),
+                       **group_metrics(y[idx], p[idx], positive), "insufficient": bool(len(idx) < cfg.min_group_size)}
     names = [k for k, v in table.items() if not v["insufficient"]]
+    out = {"groups": table, "insufficient": sorted(k for k, v in table.items() if v["insufficient"]),
+           "confidence": cfg.confidence, "max_gap": None, "max_gap_ci": None, f"max_gap_{rkey}": None, "max_gap_recall_ci": None}
+    rng = np.random.default_rng([seed, 13])
+    boot: dict[str, list[tuple[float, float | None]]] = {k: [] for k in table}
+    for _ in range(cfg.bootstrap):
+        for name, idx in members.items():
+            b = idx[rng.integers(len(idx), size=len(idx))]
+            gm = group_metrics(y[b], p[b], positive)
+            boot[name].append((gm["f1_macro"], gm[rkey]))
+    alpha = (1 - cfg.confidence) / 2
+
+    def interval(values: list[float]) -> list[float] | None:
+        return [float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))] if values else None
+
+    for name, row in table.items():
+        row["f1_macro_ci"] = interval([f for f, _ in boot[name]])
+        row[f"{rkey}_ci"] = interval([r for _, r in boot[name] if r is not None]) if row[rkey] is not None else None
+    if len(names) < 2:
+        return out
     f1s = [table[k]["f1_macro"] for k in names]
     out["max_gap"] = float(max(f1s) - min(f1s))
     out["max_gap_groups"] = [names[int(np.argmax(f1s))], names[int(np.argmin(f1s))]]
-    recalls = [table[k][f"recall_{positive}"] for k in names if table[k][f"recall_{positive}"] is not None]
-    if len(recalls) >= 2:
-        out[f"max_gap_recall_{positive}"] = float(max(recalls) - min(recalls))
-    rng = np.random.default_rng([seed, 13])
-    gaps = []
-    for _ in range(cfg.bootstrap):
-        vals = []
-        for idx in sufficient:
-            b = idx[rng.integers(len(idx), size=len(idx))]
-            vals.append(group_metrics(y[b], p[b], positive)["f1_macro"])
-        gaps.append(max(vals) - min(vals))
-    alpha = (1 - cfg.confidence) / 2
-    out["max_gap_ci"] = [float(np.quantile(gaps, alpha)), float(np.quantile(gaps, 1 - alpha))]
+    out["max_gap_ci"] = interval([max(boot[k][i][0] for k in names) - min(boot[k][i][0] for k in names)
+                                  for i in range(cfg.bootstrap)])
+    judged = [k for k in names if table[k][rkey] is not None]  # groups holding the positive label
+    if len(judged) >= 2:
+        recalls = [table[k][rkey] for k in judged]
+        out[f"max_gap_{rkey}"] = float(max(recalls) - min(recalls))
+        out["max_gap_recall_groups"] = [judged[int(np.argmax(recalls))], judged[int(np.argmin(recalls))]]
+        gaps = []
+        for i in range(cfg.bootstrap):
+            vals = [boot[k][i][1] for k in judged if boot[k][i][1] is not None]
+            if len(vals) >= 2:
+                gaps.append(max(vals) - min(vals))
+        out["max_gap_recall_ci"] = interval(gaps)
     return out
 
 
@@ -222,6 +237,14 @@ def gates(m: dict, cfg: config.Gates, bias_cfg: config.Bias) -> dict:
         "max_bias_gap": _gate(ci_hi, cfg.max_bias_gap, "<="),
         "min_mismatch_auroc": _gate(m.get("mismatch_auroc"), cfg.min_mismatch_auroc, ">="),
     }
+    if cfg.max_recall_gap is not None:  # equal opportunity: recall of data.positive_label across groups
+        rec = b.get("max_gap_recall_ci")
+        out["max_recall_gap"] = _gate(rec[1] if rec else None, cfg.max_recall_gap, "<=")
+        if rec is None:
+            out["max_recall_gap"]["note"] = "fewer than two groups of sufficient size hold the positive label"
+        elif b["insufficient"] and bias_cfg.insufficient == "fail":
+            out["max_recall_gap"]["passed"] = False
+            out["max_recall_gap"]["note"] = f"groups under {bias_cfg.min_group_size} samples: {b['insufficient']}"
     if b["insufficient"]:
         note = f"groups under {bias_cfg.min_group_size} samples: {b['insufficient']}"
         out["max_bias_gap"]["note"] = note
@@ -440,5 +463,27 @@ def load_sets(params: config.Params) -> tuple[dict[str, list[dict]], list[dict] 
         if not Path(path).is_file():
             raise InputError(f"evaluate.sets.{name}: {path} not found")
         sets[name] = dataio.read_jsonl(Path(path))
+    check_evaluate_params(params, [r for n in ("train", "val", "test") if (split / f"{n}.jsonl").is_file()
+                                   for r in dataio.read_jsonl(split / f"{n}.jsonl")], split)
     mm = split / "val_mismatch.jsonl"
     return sets, dataio.read_jsonl(mm) if mm.is_file() else None
+
+
+def check_evaluate_params(params: config.Params, records: list[dict], where: Path) -> None:
+    """`evaluate` params against the split (train, val, test), before any model is loaded (exit 2): bias
+    groups that name subgroup values the data does not hold, and evaluation attributes no caption states."""
+    e, key = params.evaluate, (params.data.subgroups[0] if params.data.subgroups else None)
+    if e.bias.groups:
+        if key is None:
+            raise InputError("evaluate.bias.groups: set, but data.subgroups is empty (nothing to group)")
+        values = sorted({str((r.get("subgroups") or {}).get(key, "unknown")) for r in records})
+        unknown = sorted(set(e.bias.groups) - set(values))
+        if unknown:
+            raise InputError(f"evaluate.bias.groups: values {unknown} of subgroup {key!r} do not occur in {where}; "
+                             f"it holds {values}")
+    if e.attributes:
+        stated = set().union(*(attribute_terms(chat.answer(r["messages"]), e.attributes) for r in records))
+        never = [t for t in e.attributes if t not in stated]
+        if never:
+            raise InputError(f"evaluate.attributes: {never} occur in no caption of {where} "
+                             f"(stated there: {sorted(stated)})")

@@ -39,6 +39,7 @@ VAGUE_CAPTIONS = (
     "Unusual mole, abnormal.",
 )
 CAMERAS = ("dermatoscope", "phone", "lamp")
+LABELS = ("benign", "suspicious", "melanoma")  # what label_of names; data.labels may reorder them
 NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight")
 MANIFEST_COLUMNS = ("id", "image", "caption", "label", "patient_id", "fitzpatrick", "site", "camera", "source")
 TRUTH_COLUMNS = (
@@ -451,7 +452,7 @@ def _near_copy(rng: np.random.Generator, data: bytes, camera: str) -> bytes:
 
 def run(cfg: Synth, data: Data, out: Path) -> dict:
     """Write `out/manifest.csv`, `out/truth.csv` and `out/images/`; returns a summary."""
-    lesions = plan_lesions(cfg, data.labels)
+    lesions = plan_lesions(cfg, data.labels or LABELS)
     files: dict[str, bytes] = {}
     names: dict[str, str] = {}
     for i, lesion in enumerate(lesions):

@@ -37,3 +37,49 @@ def test_base_weights_depend_on_neither_the_generator_nor_val_and_test(params, t
     vocab = (folder_a / "tokenizer.json").read_text()
     assert "Zebra" not in vocab and "quasar" not in vocab  # no val/test word in the tokenizer
     assert (folder_a / "tokenizer.json").read_bytes() == (folder_b / "tokenizer.json").read_bytes()
+
+
+def test_base_knows_nothing_of_any_benchmark():
+    """The base's module never names the generator, and its palette and words are its own."""
+    import re
+    from pathlib import Path
+
+    import numpy as np
+
+    from pipeline import synth
+
+    source = Path(base.__file__).read_text()
+    assert not re.search(r"synth", source, flags=re.I)
+    assert not set(base.PALETTE.values()) & set(synth.COLOURS.values())  # no colour value shared
+    rng = np.random.default_rng(0)
+    captions = [base.draw_scene(rng, 32)[1] for _ in range(300)]
+    text = " ".join(captions)
+    for word in ("dotted", "striped", "mottled", "speckled", "blurred", "sharp", "irregular blob", "symmetric blob",
+                 "marks scattered"):
+        assert word in text, word
+    for vague in synth.VAGUE_CAPTIONS:  # nothing of the lesion generator's text
+        assert vague not in text
+    assert not {"melanoma", "lesion", "dermoscopy", "benign"} & set(text.lower().replace(".", " ").split())
+
+
+def test_scene_caption_follows_the_plan_not_the_image_size():
+    import numpy as np
+
+    a = [base.draw_scene(np.random.default_rng(3), size)[1] for size in (8, 96)]
+    assert a[0] == a[1]
+    img, caption = base.draw_scene(np.random.default_rng(3), 96)
+    assert img.size == (96, 96) and caption.endswith(".")
+    # the caption says what the pixels show: a scene with a "large" thing covers more of the image than
+    # one with only small things (a coarse check of the drawing, over many scenes)
+    rng = np.random.default_rng(5)
+    cover = {"large": [], "small": []}
+    for _ in range(1500):
+        plan = base.plan_scene(rng)
+        if len(plan[2]) == 1 and plan[2][0].shape in ("circle", "square", "blob") and not plan[3]:
+            g = np.asarray(base.render_scene(np.random.default_rng(0), plan, 64), float)
+            ground = np.median(g.reshape(-1, 3), 0)
+            frac = float((np.abs(g - ground).sum(-1) > 60).mean())
+            if plan[2][0].size in cover:
+                cover[plan[2][0].size].append(frac)
+    assert cover["large"] and cover["small"]
+    assert np.mean(cover["large"]) > 2 * np.mean(cover["small"])

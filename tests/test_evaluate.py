@@ -68,6 +68,33 @@ def test_subgroup_table_equals_fairlearn_metricframe(fixture_labels):
     assert scoring.bias(y, pred, groups, "melanoma", cfg, seed=1)["max_gap_ci"] != b["max_gap_ci"]
 
 
+def test_recall_gap_of_the_positive_label_has_its_interval_and_gate(fixture_labels):
+    """Equal opportunity: the largest gap in melanoma recall between groups, its bootstrap interval
+    (resampled within groups), per-group intervals that hold the point value, and a gate on the upper
+    bound; a model that misses the positive label in one group fails it."""
+    y, pred, groups = fixture_labels
+    cfg = config.Bias(min_group_size=20, bootstrap=300)
+    b = scoring.bias(y, pred, groups, "melanoma", cfg, seed=0)
+    judged = [g for g in b["groups"] if g not in b["insufficient"]]
+    recalls = [b["groups"][g]["recall_melanoma"] for g in judged]
+    assert b["max_gap_recall_melanoma"] == pytest.approx(max(recalls) - min(recalls))
+    lo, hi = b["max_gap_recall_ci"]
+    assert 0 <= lo <= b["max_gap_recall_melanoma"] <= hi <= 1
+    for g in b["groups"]:
+        for key in ("f1_macro", "recall_melanoma"):
+            c = b["groups"][g][f"{key}_ci"]
+            assert c[0] <= b["groups"][g][key] + 1e-9 and b["groups"][g][key] <= c[1] + 1e-9
+    m = {"f1_macro": 0.9, "image_reliance": {"ignore_rate": 0.1}, "mismatch_auroc": 0.9, "bias": b}
+    assert "max_recall_gap" not in scoring.gates(m, config.Gates(), cfg)  # null threshold: not judged
+    assert scoring.gates(m, config.Gates(max_recall_gap=1.0, max_bias_gap=1.0), cfg)["max_recall_gap"]["value"] == hi
+    # group I's melanomas all missed: its recall is 0, the gap is large and the gate fails
+    missed = [("benign" if (g == "I" and t == "melanoma") else p) for t, p, g in zip(y, pred, groups)]
+    b2 = scoring.bias(y, missed, groups, "melanoma", cfg, seed=0)
+    assert b2["groups"]["I"]["recall_melanoma"] == 0 and b2["max_gap_recall_ci"][0] > 0.3
+    g2 = scoring.gates({**m, "bias": b2}, config.Gates(max_recall_gap=0.5), cfg)
+    assert not g2["max_recall_gap"]["passed"]
+
+
 def test_an_insufficient_group_fails_the_bias_gate_unless_told_to_warn(fixture_labels):
     y, pred, groups = fixture_labels
     for mode, passed in (("fail", False), ("warn", True)):

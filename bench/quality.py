@@ -1,0 +1,124 @@
+"""Benchmark: the committed defaults, end to end, on both benchmarks, 3 seeds each (the README's headline).
+
+For each domain and seed, in a fresh folder: make the data (synth / examples/parts/generate.py with that
+seed), then `curate`, `split`, `base`, `train`, `evaluate` through the command line with the committed
+params file and only the seeds overridden (synth or generator, curate's detector, split, train,
+evaluate; the base's own seed stays, it stands in for one foundation model). The validation split is
+evaluated as an extra set (`evaluate.sets.val`), so each run reports val and test macro-F1. Nothing here
+chooses a setting: the test figures are read once, after the fact.
+
+Saved per run and as mean ± sd per domain: val and test macro-F1, ignore rate, perceptual score,
+mismatch AUROC, the largest subgroup macro-F1 gap and its upper bound, the positive-recall gap and its
+upper bound, whether every gate passed; and each stage's seconds.
+
+    python bench/quality.py [--domains lesions,parts] [--seeds 0,1,2] [--jobs 1] [--work bench/work/quality]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOMAINS = {
+    "lesions": {"params": ROOT / "params.yaml", "split": "data/split", "reports": "reports"},
+    "parts": {"params": ROOT / "examples/parts/params.yaml", "split": "work/parts/split", "reports": "work/parts/reports"},
+}
+STAGES = ("curate", "split", "base", "train", "evaluate")
+
+
+def make_data(domain: str, seed: int, work: Path, env: dict) -> list[str]:
+    if domain == "lesions":
+        return [sys.executable, "-m", "pipeline", "synth", "--params", str(DOMAINS[domain]["params"]),
+                "--set", f"synth.seed={seed}"]
+    return [sys.executable, str(ROOT / "examples/parts/generate.py"), "--out", "work/parts/raw", "--seed", str(seed)]
+
+
+def one(domain: str, seed: int, work_root: Path, threads: int) -> dict:
+    work = work_root / domain / f"seed{seed}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONHASHSEED": "0",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    d = DOMAINS[domain]
+    seeds = [f"curate.mismatch.seed={seed}", f"split.seed={seed}", f"train.seed={seed}", f"evaluate.seed={seed}",
+             f"evaluate.sets={{val: {d['split']}/val.jsonl}}"]
+    seconds = {}
+    for stage, cmd in [("data", make_data(domain, seed, work, env))] + [
+            (s, [sys.executable, "-m", "pipeline", s, "--params", str(d["params"]), *[f"--set={o}" for o in seeds]])
+            for s in STAGES]:
+        start = time.perf_counter()
+        r = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
+        seconds[stage] = round(time.perf_counter() - start, 1)
+        (work / f"{stage}.log").write_text(r.stdout + r.stderr)
+        if r.returncode not in (0, 1) or (r.returncode == 1 and stage != "evaluate"):
+            raise RuntimeError(f"{domain} seed {seed}: {stage} exited {r.returncode}: {r.stderr[-2000:]}")
+    m = json.loads((work / d["reports"] / "metrics.json").read_text())
+    b = m.get("bias", {})
+    positive = next((k for k in b if k.startswith("max_gap_recall_") and not k.endswith(("_ci", "_groups"))), None)
+    out = {"domain": domain, "seed": seed,
+           "val_f1_macro": m["sets"]["val"]["f1_macro"], "test_f1_macro": m["f1_macro"],
+           "ignore_rate": m["image_reliance"]["ignore_rate"],
+           "perceptual_score": m["image_reliance"]["perceptual_score"],
+           "mismatch_auroc": m["mismatch_auroc"],
+           "bias_gap": b.get("max_gap"), "bias_gap_upper": (b.get("max_gap_ci") or [None, None])[1],
+           "recall_gap": b.get(positive) if positive else None,
+           "recall_gap_upper": (b.get("max_gap_recall_ci") or [None, None])[1],
+           "gates_passed": all(g["passed"] for g in m["gates"].values()),
+           "failed_gates": [k for k, g in m["gates"].items() if not g["passed"]],
+           "n_test": m["n"], "n_val": m["sets"]["val"]["n"], "seconds": seconds}
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def summarise(runs: list[dict]) -> dict:
+    keys = ("val_f1_macro", "test_f1_macro", "ignore_rate", "perceptual_score", "mismatch_auroc", "bias_gap",
+            "bias_gap_upper", "recall_gap", "recall_gap_upper")
+    out = {}
+    for domain in sorted({r["domain"] for r in runs}):
+        rs = [r for r in runs if r["domain"] == domain]
+        row = {"n": len(rs), "gates_passed": f"{sum(r['gates_passed'] for r in rs)}/{len(rs)}"}
+        for k in keys:
+            vals = [r[k] for r in rs if r[k] is not None]
+            if vals:
+                row[k] = {"mean": statistics.mean(vals), "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+        out[domain] = row
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--domains", default="lesions,parts")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--work", default=str(ROOT / "bench" / "work" / "quality"))
+    ap.add_argument("--out", default="quality.json")
+    a = ap.parse_args()
+    jobs = [(d, int(s)) for d in a.domains.split(",") for s in a.seeds.split(",")]
+    threads = max(1, (os.cpu_count() or 2) // a.jobs)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(a.jobs) as pool:
+        runs = list(pool.map(lambda j: one(j[0], j[1], Path(a.work), threads), jobs))
+    summary = summarise(runs)
+    for domain, row in summary.items():
+        print(domain, json.dumps({k: (f"{v['mean']:.3f} ± {v['sd']:.3f}" if isinstance(v, dict) else v)
+                                  for k, v in row.items()}))
+    result = {"command": "python bench/quality.py " + " ".join(sys.argv[1:]), "machine": platform.platform(),
+              "cpus": os.cpu_count(), "minutes": round((time.perf_counter() - start) / 60, 1),
+              "summary": summary, "runs": runs}
+    path = ROOT / "bench" / "results" / a.out
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()
