@@ -18,7 +18,6 @@ the evaluate stage would report when there is *no* gap (every group at the plann
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 from pathlib import Path
