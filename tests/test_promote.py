@@ -125,3 +125,31 @@ def test_a_champion_that_cannot_be_evaluated_stops_the_decision(params, tmp_path
     assert taken["decision"] == "promoted" and "without a comparison" in taken["reasons"][0]
     assert "'google/gemma-3-4b-it'" in taken["reasons"][0]
     assert _aliases(registry, name) == {"champion": taken["version"], "challenger": taken["version"], "previous": v1}
+
+
+def _sets(**f1):
+    return {"sets": {k: {"f1_macro": v, "n": 50} for k, v in f1.items()}}
+
+
+@pytest.mark.parametrize("new_b, old_a, promoted, phrase", [
+    (0.80, 0.84, True, "within the 0.02 tolerance"),          # better on B, A falls 0.01: promoted
+    (0.80, 0.82, False, "a_old_test: f1_macro 0.8200 vs champion 0.8500 (drops more than the 0.02 tolerance)"),
+    (0.60, 0.85, False, "test: f1_macro 0.6000 vs champion 0.7000 (does not improve)"),
+    (0.70, 0.85, False, "does not improve"),                   # equal is not better (min_improvement 0)
+])
+def test_forgetting_and_improvement_rules(params, new_b, old_a, promoted, phrase):
+    """The challenger must improve on `improve_on` (the test split, B's held-out part included) and may
+    fall by at most `max_drop` on every other set (A's frozen old test set); the reason names the set and
+    both figures."""
+    champion = _sets(test=0.70, a_old_test=0.85)
+    better, reasons = promote.compare(_sets(test=new_b, a_old_test=old_a), champion, params.promote)
+    assert better is promoted
+    assert any(phrase in r for r in reasons), reasons
+    # without the forgetting rule a drop of 0.03 would pass: the rule is what rejects it
+    loose = dataclasses.replace(params.promote, max_drop=1.0)
+    assert promote.compare(_sets(test=0.80, a_old_test=0.82), champion, loose)[0] is True
+
+
+def test_improve_on_a_set_that_does_not_exist_is_refused(params):
+    with pytest.raises(InputError, match=r"promote.improve_on: no evaluation set named \['test'\]"):
+        promote.compare(_sets(b_heldout=0.9), _sets(b_heldout=0.8), params.promote)
