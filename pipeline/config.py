@@ -260,6 +260,7 @@ class Promote:
     min_improvement: float = 0.0   # the challenger must beat the champion by more than this
     improve_on: tuple[str, ...] = ("test",)   # sets on which the primary metric must improve
     max_drop: float = 0.02         # on every other set, the most the primary metric may fall
+    min_samples: int = 30          # per set, samples neither model trained or validated on; fewer: no decision
 
 
 @dataclass(frozen=True)

@@ -256,6 +256,21 @@ def load_trainable(params: config.Params, device, dtype):
     return apply_peft(model, cfg, adapter_name=cfg.adapter_name), processor
 
 
+SEEN_IDS = "seen_ids.json"  # beside an adapter: {"train": [ids], "val": [ids]} of the samples it learnt from
+
+
+def seen_ids_sha256(seen: dict[str, list[str]]) -> str:
+    return hashlib.sha256(json.dumps({k: sorted(v) for k, v in sorted(seen.items())}).encode()).hexdigest()
+
+
+def seen_ids(adapter: Path) -> set[str] | None:
+    """Every id an adapter trained or validated on; None for an adapter that does not record them."""
+    path = Path(adapter) / SEEN_IDS
+    if not path.is_file():
+        return None
+    return {i for ids in json.loads(path.read_text()).values() for i in ids}
+
+
 def adapter_meta(params: config.Params, model) -> dict:
     """What `pipeline_meta.json` records beside an adapter, so that it is loaded as it was trained."""
     p = params.train.peft

@@ -14,7 +14,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from pipeline import config, data as dataio, scoring, tracking, vcs
+from pipeline import config, data as dataio, model as modelmod, scoring, tracking, vcs
 from pipeline.errors import CheckFailed, InputError
 
 HISTORY_TAG = "champion_history"  # registered-model tag: comma-separated champion versions, oldest first
@@ -44,7 +44,9 @@ def register(c, name: str, adapter: Path, metrics: dict, params: config.Params):
             mlflow.log_artifacts(str(adapter), artifact_path="adapter")
             run_id = run.info.run_id
     source = f"{c.get_run(run_id).info.artifact_uri}/adapter"
+    meta = json.loads((adapter / "pipeline_meta.json").read_text()) if (adapter / "pipeline_meta.json").is_file() else {}
     tags = {"adapter_sha256": sha, "git_commit": str(vcs.git_commit()), "train_run_id": str(run_id),
+            "seen_ids_sha256": str(meta.get("seen_ids_sha256")), "base_weights_sha256": str(meta.get("base_weights_sha256")),
             "eval_run_id": str(metrics.get("eval_run_id")), "base": params.model.base,
             "f1_macro": f"{metrics['f1_macro']:.4f}", "gates_passed": str(metrics["passed"]), **vcs.dvc_hashes()}
     return c.create_model_version(name, source=source, run_id=run_id, tags=tags)
@@ -60,18 +62,20 @@ def _has_adapter(c, run_id: str) -> bool:
 
 
 def compare(challenger: dict, champion: dict, cfg: config.Promote) -> tuple[bool, list[str]]:
-    """Does the challenger beat the champion? (per-set primary metric; reasons either way)"""
+    """Does the challenger beat the champion? (per-set primary metric; reasons either way). A set whose
+    entry carries `n_unseen` was scored on the samples neither model saw, and the reason says how many."""
     key, reasons, better = cfg.primary_metric, [], True
     for name, ch in challenger["sets"].items():
         if name not in champion["sets"]:
             continue
         a, b = ch[key], champion["sets"][name][key]
+        on = f" on {ch['n_unseen']} samples neither saw" if "n_unseen" in ch else ""
         if name in cfg.improve_on:
             ok = a > b + cfg.min_improvement
-            reasons.append(f"{name}: {key} {a:.4f} vs champion {b:.4f} ({'improves' if ok else 'does not improve'})")
+            reasons.append(f"{name}: {key} {a:.4f} vs champion {b:.4f}{on} ({'improves' if ok else 'does not improve'})")
         else:
             ok = a >= b - cfg.max_drop
-            reasons.append(f"{name}: {key} {a:.4f} vs champion {b:.4f} "
+            reasons.append(f"{name}: {key} {a:.4f} vs champion {b:.4f}{on} "
                            f"({'within' if ok else 'drops more than'} the {cfg.max_drop} tolerance)")
         better &= ok
     missing = [n for n in cfg.improve_on if n not in challenger["sets"]]
@@ -80,10 +84,11 @@ def compare(challenger: dict, champion: dict, cfg: config.Promote) -> tuple[bool
     return better, reasons
 
 
-def evaluate_champion(c, version, params: config.Params) -> dict | None:
-    """The champion's metrics on today's evaluation sets; None only when it was trained on another
-    `model.base` (the one case where a challenger may replace it without a comparison). Any other failure
-    to evaluate it stops the decision (CheckFailed, exit 1): a model is never promoted by default."""
+def evaluate_champion(c, version, params: config.Params) -> tuple[dict, dict[str, list[dict]], set[str]] | None:
+    """The champion's metrics and per-sample predictions on today's evaluation sets, and the ids it
+    trained and validated on; None only when it was trained on another `model.base` (the one case where
+    a challenger may replace it without a comparison). Any other failure to evaluate it stops the decision
+    (CheckFailed, exit 1): a model is never promoted by default."""
     if version.tags.get("base", params.model.base) != params.model.base:
         return None
     sets, mismatch = scoring.load_sets(params)
@@ -91,12 +96,53 @@ def evaluate_champion(c, version, params: config.Params) -> dict | None:
         from mlflow.artifacts import download_artifacts
 
         local = Path(download_artifacts(artifact_uri=version.source, dst_path=tmp, tracking_uri=c.tracking_uri))
+        seen = modelmod.seen_ids(local)
+        if seen is None:
+            raise CheckFailed(f"promote: champion v{version.version} records no seen ids ({modelmod.SEEN_IDS}): "
+                              "it cannot be compared on samples it has not seen, and no alias moves")
         try:
-            metrics, _ = scoring.evaluate_adapter(local, sets, mismatch, params)
+            metrics, predictions = scoring.evaluate_adapter(local, sets, mismatch, params)
         except InputError as e:
             raise CheckFailed(f"promote: champion v{version.version} could not be evaluated, so nothing is "
                               f"compared and no alias moves: {e}") from None
-    return metrics
+    return metrics, predictions, seen
+
+
+def challenger_predictions(params: config.Params, names) -> dict[str, list[dict]]:
+    """The per-sample predictions `evaluate` wrote for the challenger, per evaluation set."""
+    folder = Path(params.paths.reports) / "eval"
+    out = {}
+    for name in names:
+        path = folder / ("predictions.jsonl" if name == "test" else f"predictions_{name}.jsonl")
+        if not path.is_file():
+            raise InputError(f"promote: {path} not found (run evaluate again)")
+        out[name] = dataio.read_jsonl(path)
+    return out
+
+
+def unseen_sets(challenger: dict[str, list[dict]], champion: dict[str, list[dict]], seen: set[str],
+                params: config.Params) -> tuple[dict, dict]:
+    """Both models' primary metric per set, on the samples that neither trained nor validated on
+    (`seen`: the union of their ids). A set left with fewer than `promote.min_samples` stops the decision."""
+    key, labels = params.promote.primary_metric, tuple(params.data.labels)
+    ch, cp, short = {}, {}, []
+    for name in challenger:
+        if name not in champion:
+            continue
+        keep = {r["id"] for r in challenger[name]} - seen
+        rows_a = [r for r in challenger[name] if r["id"] in keep]
+        rows_b = {r["id"]: r for r in champion[name] if r["id"] in keep}
+        if len(rows_a) < params.promote.min_samples:
+            short.append(f"{name}: {len(rows_a)} of {len(challenger[name])} samples unseen by both "
+                         f"(promote.min_samples {params.promote.min_samples})")
+            continue
+        for out, rows in ((ch, rows_a), (cp, [rows_b[r["id"]] for r in rows_a])):
+            m = scoring.classification([r["label"] for r in rows], [r["prediction"] for r in rows], labels)
+            out[name] = {key: m[key], "n_unseen": len(rows)}
+    if short:
+        raise CheckFailed("promote: too few samples that neither champion nor challenger has seen, so nothing "
+                          "is compared and no alias moves:\n  " + "\n  ".join(short))
+    return {"sets": ch}, {"sets": cp}
 
 
 def promote(params: config.Params) -> dict:
@@ -126,18 +172,25 @@ def promote(params: config.Params) -> dict:
         c.set_registered_model_alias(name, "challenger", v)
         return {"version": v, "decision": "already champion", "champion": v}
     # the champion is scored before any alias moves: a failure there leaves every alias where it was
-    champ_metrics = evaluate_champion(c, champion, params) if champion is not None else None
+    champ = evaluate_champion(c, champion, params) if champion is not None else None
+    if champ is not None:
+        seen_challenger = modelmod.seen_ids(adapter)
+        if seen_challenger is None:
+            raise InputError(f"promote: {adapter} records no seen ids ({modelmod.SEEN_IDS}): train it again")
+        _, champ_predictions, seen_champion = champ
+        compared = unseen_sets(challenger_predictions(params, champ_predictions), champ_predictions,
+                               seen_challenger | seen_champion, params)
     c.set_registered_model_alias(name, "challenger", v)
     reasons: list[str] = []
     if champion is None:
         better, reasons = True, ["no champion yet: the first version that passes every gate becomes champion"]
     else:
-        if champ_metrics is None:
+        if champ is None:
             better, reasons = True, [f"champion v{champion.version} was trained on model.base "
                                      f"{champion.tags.get('base')!r}, today's is {params.model.base!r}: the "
                                      "challenger replaces it without a comparison"]
         else:
-            better, reasons = compare(metrics, champ_metrics, params.promote)
+            better, reasons = compare(*compared, params.promote)
     if not better:
         c.set_model_version_tag(name, v, "decision", "kept champion: " + "; ".join(reasons))
         return {"version": v, "decision": "not promoted", "champion": str(champion.version), "reasons": reasons}

@@ -268,15 +268,23 @@ def adapter_tensors(state: State) -> tuple[dict, dict]:
     return peft_sd, heads
 
 
-def save_adapter(state: State, out: Path, params: config.Params, tensors: tuple[dict, dict] | None = None) -> None:
-    """PEFT adapter folder (+ processor, + alignment heads) that PeftModel.from_pretrained loads."""
+def save_adapter(state: State, out: Path, params: config.Params, tensors: tuple[dict, dict] | None = None,
+                 seen: dict[str, list[str]] | None = None) -> None:
+    """PEFT adapter folder (+ processor, + alignment heads) that PeftModel.from_pretrained loads, and the
+    ids of the samples it trained and validated on (`seen_ids.json`, hashed in `pipeline_meta.json`): a
+    later comparison uses only samples that no compared model has seen."""
     from safetensors.torch import save_file
 
     peft_sd, heads = tensors or adapter_tensors(state)
     state.model.save_pretrained(out, state_dict=peft_sd)
     state.processor.save_pretrained(out)
     save_file(heads, out / "alignment_heads.safetensors")
-    dataio.write_json(out / "pipeline_meta.json", modelmod.adapter_meta(params, state.model))
+    meta = modelmod.adapter_meta(params, state.model)
+    if seen is not None:
+        seen = {k: sorted(v) for k, v in seen.items()}
+        dataio.write_json(out / modelmod.SEEN_IDS, seen)
+        meta["seen_ids_sha256"] = modelmod.seen_ids_sha256(seen)
+    dataio.write_json(out / "pipeline_meta.json", meta)
 
 
 def write_steps_csv(path: Path, history: list[dict]) -> None:
@@ -356,7 +364,7 @@ def run(params: config.Params, train: list[dict], val: list[dict], tracker=None)
     if distributed.rank() != 0:
         return metrics
     with dataio.atomic_dir(models / "adapter") as out:
-        save_adapter(state, out, params, tensors)
+        save_adapter(state, out, params, tensors, seen={"train": [r["id"] for r in train], "val": [r["id"] for r in val]})
     dataio.write_json(models / "train_metrics.json", metrics)
     write_steps_csv(models / "train_steps.csv", state.history)
     dataio.write_json(models / "preflight.json", report)

@@ -93,7 +93,7 @@ def small_eval(p: config.Params, **gates) -> config.Params:
                                                min_mismatch_auroc=0.0), **gates})
     e = dataclasses.replace(e, max_new_tokens=6, permutations=1, batch_size=16,
                             bias=dataclasses.replace(e.bias, bootstrap=20, min_group_size=1), gates=g)
-    return dataclasses.replace(p, evaluate=e)
+    return dataclasses.replace(p, evaluate=e, promote=dataclasses.replace(p.promote, min_samples=1))  # 8-sample sets
 
 
 def trained_project(params: config.Params, root: Path, base_dir: Path, records: list[dict], seed: int = 0,
@@ -167,6 +167,7 @@ def loop_project_params(params: dict) -> dict:
     p["monitor"]["embedding"] = {"method": "mmd", "threshold": 0.015}
     p["promote"]["min_improvement"] = -1.0
     p["promote"]["max_drop"] = 1.0  # ... and no forgetting check: 4-step models differ by noise alone
+    p["promote"]["min_samples"] = 1  # the tiny sets hold a handful of unseen samples
     return p
 
 

@@ -153,3 +153,44 @@ def test_forgetting_and_improvement_rules(params, new_b, old_a, promoted, phrase
 def test_improve_on_a_set_that_does_not_exist_is_refused(params):
     with pytest.raises(InputError, match=r"promote.improve_on: no evaluation set named \['test'\]"):
         promote.compare(_sets(b_heldout=0.9), _sets(b_heldout=0.8), params.promote)
+
+
+@pytest.mark.slow
+def test_after_a_resplit_models_are_compared_only_on_samples_neither_saw(params, tmp_path, base_dir, records,
+                                                                          registry, monkeypatch):
+    """As after `ingest`: the data is split again and the champion's former training samples land in the
+    new test split. promote compares only on the test samples that neither model trained or validated on
+    (and says how many); with fewer than promote.min_samples it decides nothing and moves no alias."""
+    from pipeline import data as dataio_, split, train
+
+    monkeypatch.chdir(tmp_path)
+    name = params.mlflow.registered_model
+    p1 = trained_project(params, tmp_path / "a", base_dir, records, seed=0)  # trains on 0-23, validates on 24-31
+    evaluate.main(p1)
+    v1 = promote.main(p1)["version"]
+    seen1 = set(json.loads((tmp_path / "a/models/adapter/seen_ids.json").read_text())["train"])
+    assert seen1 == {r["id"] for r in records[:24]}
+    assert registry.get_model_version(name, v1).tags["seen_ids_sha256"] == \
+        json.loads((tmp_path / "a/models/adapter/pipeline_meta.json").read_text())["seen_ids_sha256"]
+    # the re-split: the challenger trains on 12-35 and is tested on 0-11 (seen by the champion) + 36-39
+    p2 = small_eval(trained_project(params, tmp_path / "b", base_dir, records[12:36] + records[:12], seed=1))
+    sp = tmp_path / "b" / "split"
+    tr, va = records[12:36], records[36:40][:2]
+    te = records[:12] + records[36:40]
+    for n, rows in (("train", tr), ("val", va), ("test", te)):
+        dataio_.write_jsonl(sp / f"{n}.jsonl", rows)
+    dataio_.write_jsonl(sp / "val_mismatch.jsonl", split.make_val_mismatch(va, tr, 0.5, 0))
+    train.run(p2, tr, va)
+    evaluate.main(p2)
+    unseen = {r["id"] for r in te} - seen1 - {r["id"] for r in tr + va}
+    assert len(unseen) == 2 and unseen < {r["id"] for r in records[36:40]}
+    taken = promote.main(_with(p2, min_improvement=-1.0, min_samples=2))
+    assert any(f"on {len(unseen)} samples neither saw" in r for r in taken["reasons"]), taken["reasons"]
+    assert taken["decision"] == "promoted"
+    # a third model against that champion, needing more unseen samples than the set holds: no decision
+    p3 = small_eval(trained_project(params, tmp_path / "c", base_dir, records, seed=2))
+    evaluate.main(p3)
+    before = _aliases(registry, name)
+    with pytest.raises(CheckFailed, match=r"test: \d+ of 8 samples unseen by both \(promote.min_samples 50\)"):
+        promote.main(_with(p3, min_improvement=-1.0, min_samples=50))
+    assert _aliases(registry, name) == before
