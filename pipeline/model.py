@@ -291,9 +291,10 @@ class Loaded:
     device: torch.device
 
 
-def load_adapter(adapter: Path, params: config.Params, who: str = "evaluate") -> Loaded:
+def load_adapter(adapter: Path, params: config.Params, who: str = "evaluate", full_precision: bool = False) -> Loaded:
     """The base of `model.base` with the adapter at `adapter` in the precision it was trained in (4-bit
-    base for QLoRA, vision tower kept 16-bit as recorded); refuses an adapter of another base."""
+    base for QLoRA, vision tower kept 16-bit as recorded); refuses an adapter of another base.
+    `full_precision`: the base unquantized whatever the method (a QLoRA adapter merged into a 16-bit copy)."""
     from peft import PeftModel
     from safetensors.torch import load_file
 
@@ -310,7 +311,7 @@ def load_adapter(adapter: Path, params: config.Params, who: str = "evaluate") ->
         raise InputError(f"{who}: the adapter at {adapter} was trained on base weights {meta['base_weights_sha256']}, "
                          f"but {source} holds weights {have}; re-run train")
     device, dtype = device_and_dtype()
-    quantize = meta.get("method") == "qlora"
+    quantize = meta.get("method") == "qlora" and not full_precision
     base, processor = load(source, quantize=quantize, keep_vision_16bit=meta.get("keep_vision_16bit", True),
                            dtype=dtype, device=device)
     if not quantize:

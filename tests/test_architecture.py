@@ -8,7 +8,7 @@ import yaml
 from conftest import ROOT
 
 PKG = ROOT / "pipeline"
-STAGES = ("synth", "curate", "split", "base", "train", "evaluate", "promote", "monitor", "ingest", "publish")
+STAGES = ("synth", "curate", "split", "base", "train", "evaluate", "promote", "monitor", "ingest", "publish", "export")
 
 
 def pipeline_imports(module: str) -> set[str]:
