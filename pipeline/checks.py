@@ -164,7 +164,8 @@ def _decode(row: Row, path: Path, cfg: Curate) -> str | None:
 def phash(img: Image.Image) -> np.ndarray:
     """256-bit DCT perceptual hash (imagehash, hash_size 16) packed as (4,) uint64.
 
-    The common 64-bit hash cannot tell distinct lesions apart: most of each image is even skin.
+    The common 64-bit hash cannot tell distinct objects on a similar even background apart (most of each
+    image is skin, or a conveyor belt).
     """
     import imagehash
 

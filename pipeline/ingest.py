@@ -57,7 +57,7 @@ def _write_part(rows: list[dict], src: Path, dst: Path) -> None:
 def drop_training_duplicates(held: list[dict], held_images: list[Path], train_rows: list[dict], src: Path,
                              max_bits: int) -> tuple[list[dict], int]:
     """The held-out samples without those whose image is an exact or near duplicate of a training-part
-    image (the same lesion photographed twice would leak into the evaluation); and how many went."""
+    image (the same subject photographed twice would leak into the evaluation); and how many went."""
     paths = [checks.resolve_inside(src, r.get("image", "").strip()) for r in train_rows]
     train = checks.image_hashes([p for p in paths if p is not None and p.is_file()], skip_unreadable=True)
     dup = checks.duplicates_of(train, checks.image_hashes(held_images), max_bits)

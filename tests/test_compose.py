@@ -78,7 +78,7 @@ def test_services_match_the_readme_and_the_local_cluster():
     known = set(re.findall(r"^  ([\w|-]+)\)", script, re.M))
     known = {k for group in known for k in group.split("|")}
     for name, svc in compose["services"].items():
-        if "command" in svc and svc.get("image", "").startswith("lesion-pipeline"):
+        if "command" in svc and svc.get("image", "").startswith("multimodal-pipeline"):
             assert svc["command"][0] in known, f"{name}: {svc['command']} is not a services.sh command"
     cluster = (ROOT / "scripts/cluster.sh").read_text()
     assert all(s in cluster for s in ("mlflow", "api-server", "scheduler", "dag-processor", "triggerer", "worker"))
