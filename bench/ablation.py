@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--split", default="data/split")
     ap.add_argument("--base", default="models/base")
     ap.add_argument("--single-lr", type=float, default=None, help="default: params' train.lr.vision")
+    ap.add_argument("--variants", default="three_part,ce_only,single_lr", help="which arms, comma-separated")
     ap.add_argument("--set", dest="extra", action="append", default=[], help="extra params override for every run")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ablation.json"))
     ap.add_argument("--child", nargs=3, metavar=("VARIANT", "SEED", "WORK"), help=argparse.SUPPRESS)
@@ -95,7 +96,7 @@ def main() -> None:
         from pipeline import config
 
         args.single_lr = config.load(ROOT / "params.yaml", args.extra).train.lr.vision
-    table = variants(args.single_lr)
+    table = {k: v for k, v in variants(args.single_lr).items() if k in args.variants.split(",")}
     if args.child:
         v, seed, work = args.child
         print(json.dumps(one(v, int(seed), table[v], args.split, args.base, Path(work), args.extra)))
@@ -111,7 +112,7 @@ def main() -> None:
         while todo or running:
             while todo and len(running) < args.jobs:
                 v, s = todo.pop(0)
-                cmd = [sys.executable, __file__, "--split", args.split, "--base", args.base,
+                cmd = [sys.executable, __file__, "--split", args.split, "--base", args.base, "--variants", args.variants,
                        "--single-lr", str(args.single_lr), "--child", v, str(s), f"{tmp}/{v}-{s}"]
                 cmd += [x for e in args.extra for x in ("--set", e)]
                 running.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
