@@ -14,6 +14,7 @@ reported (null) rather than measured on random heads. Runs go in separate proces
 2 threads each. Prints mean ± sd per variant and saves bench/results/ablation.json.
 
     python bench/ablation.py [--seeds 3] [--jobs 1] [--split data/split] [--base models/base]
+    python bench/ablation.py --quality bench/work/quality --variants three_part,ce_only   # on quality's runs
 """
 from __future__ import annotations
 
@@ -41,8 +42,11 @@ def variants(single_lr: float) -> dict[str, list[str]]:
     }
 
 
-def one(variant: str, seed: int, overrides: list[str], split: str, base: str, work: Path, extra: list[str]) -> dict:
-    """Child process body: train + evaluate one (variant, seed); returns the metrics."""
+def one(variant: str, seed: int, overrides: list[str], split: str, base: str, work: Path, extra: list[str],
+        reuse: str | None = None) -> dict:
+    """Child process body: train + evaluate one (variant, seed); returns the metrics. `reuse`: an adapter
+    already trained with exactly this variant's settings and seed on this split and base (a
+    `bench/quality.py` run of the defaults): evaluated, not trained again."""
     import torch
 
     torch.set_num_threads(2)
@@ -57,7 +61,11 @@ def one(variant: str, seed: int, overrides: list[str], split: str, base: str, wo
                                            f"paths.reports={work / 'reports'}", f"train.seed={seed}",
                                            f"evaluate.seed={seed}", *overrides, *extra])
     start = time.perf_counter()
-    tm = train.run(p, dataio.read_jsonl(Path(split) / "train.jsonl"), dataio.read_jsonl(Path(split) / "val.jsonl"))
+    if reuse:
+        os.symlink(Path(reuse).resolve(), models / "adapter")
+        tm = json.loads((Path(reuse).parent / "train_metrics.json").read_text())
+    else:
+        tm = train.run(p, dataio.read_jsonl(Path(split) / "train.jsonl"), dataio.read_jsonl(Path(split) / "val.jsonl"))
     val = {"test": dataio.read_jsonl(Path(split) / "val.jsonl")}  # the primary slot holds val: test is not read
     m, _ = scoring.evaluate_adapter(models / "adapter", val, dataio.read_jsonl(Path(split) / "val_mismatch.jsonl"), p)
     heads = p.train.loss.w_con > 0 or p.train.loss.w_mse > 0
@@ -89,6 +97,9 @@ def main() -> None:
     ap.add_argument("--variants", default="three_part,ce_only,single_lr", help="which arms, comma-separated")
     ap.add_argument("--set", dest="extra", action="append", default=[], help="extra params override for every run")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ablation.json"))
+    ap.add_argument("--quality", default=None, help="a bench/quality.py work folder: seed s runs on its lesions/seed<s> "
+                    "project (its split and base) and its default-trained adapter is the three_part arm")
+    ap.add_argument("--reuse", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child", nargs=3, metavar=("VARIANT", "SEED", "WORK"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.single_lr is None:
@@ -99,11 +110,17 @@ def main() -> None:
     table = {k: v for k, v in variants(args.single_lr).items() if k in args.variants.split(",")}
     if args.child:
         v, seed, work = args.child
-        print(json.dumps(one(v, int(seed), table[v], args.split, args.base, Path(work), args.extra)))
+        print(json.dumps(one(v, int(seed), table[v], args.split, args.base, Path(work), args.extra, args.reuse)))
         return
-    for need in (Path(args.split) / "train.jsonl", Path(args.base) / "config.json"):
-        if not need.is_file():
-            sys.exit(f"ablation: {need} not found: run `make demo` (or dvc repro) first")
+
+    def project(seed: int) -> Path | None:
+        return Path(args.quality).resolve() / "lesions" / f"seed{seed}" if args.quality else None
+
+    for s in range(args.seeds):
+        where = project(s) or Path(".")
+        for need in (where / args.split / "train.jsonl", where / args.base / "config.json"):
+            if not need.is_file():
+                sys.exit(f"ablation: {need} not found: run `make demo` (or dvc repro, or bench/quality.py) first")
     env = {**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     todo = [(v, s) for s in range(args.seeds) for v in table]
     runs, running = [], []
@@ -115,7 +132,11 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--split", args.split, "--base", args.base, "--variants", args.variants,
                        "--single-lr", str(args.single_lr), "--child", v, str(s), f"{tmp}/{v}-{s}"]
                 cmd += [x for e in args.extra for x in ("--set", e)]
-                running.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+                where = project(s)
+                if where is not None and v == "three_part" and (where / "models" / "adapter").is_dir():
+                    cmd += ["--reuse", str(where / "models" / "adapter")]
+                running.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                                cwd=where))
             time.sleep(1)
             for proc in [r for r in running if r.poll() is not None]:
                 running.remove(proc)
@@ -131,7 +152,8 @@ def main() -> None:
         cells = "".join(f"{row[k]['mean']:>14.3f} ± {row[k]['sd']:.3f}" if row[k]["mean"] is not None else f"{'n/a':>22}"
                         for k in METRICS)
         print(f"{v:<12}{cells}")
-    result = {"summary": summary, "runs": runs, "seeds": args.seeds, "single_lr": args.single_lr,
+    result = {"command": "python bench/ablation.py " + " ".join(sys.argv[1:]), "summary": summary, "runs": runs,
+              "seeds": args.seeds, "single_lr": args.single_lr, "quality": args.quality, "evaluated_on": "val",
               "extra": args.extra, "wall_seconds": round(time.perf_counter() - start, 1),
               "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "jobs": args.jobs}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
