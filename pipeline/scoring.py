@@ -471,19 +471,26 @@ def load_sets(params: config.Params) -> tuple[dict[str, list[dict]], list[dict] 
 
 def check_evaluate_params(params: config.Params, records: list[dict], where: Path) -> None:
     """`evaluate` params against the split (train, val, test), before any model is loaded (exit 2): bias
-    groups that name subgroup values the data does not hold, and evaluation attributes no caption states."""
+    groups none of whose subgroup values the data holds, and evaluation attributes of which no caption
+    states any: the settings of another dataset. Some values or terms absent (a clinic without type VI
+    patients) is a warning, not an error."""
+    import warnings
+
     e, key = params.evaluate, (params.data.subgroups[0] if params.data.subgroups else None)
     if e.bias.groups:
         if key is None:
             raise InputError("evaluate.bias.groups: set, but data.subgroups is empty (nothing to group)")
         values = sorted({str((r.get("subgroups") or {}).get(key, "unknown")) for r in records})
         unknown = sorted(set(e.bias.groups) - set(values))
+        if len(unknown) == len(e.bias.groups):
+            raise InputError(f"evaluate.bias.groups: none of the values {unknown} of subgroup {key!r} occurs in "
+                             f"{where}; it holds {values}")
         if unknown:
-            raise InputError(f"evaluate.bias.groups: values {unknown} of subgroup {key!r} do not occur in {where}; "
-                             f"it holds {values}")
+            warnings.warn(f"evaluate.bias.groups: values {unknown} of subgroup {key!r} do not occur in {where}")
     if e.attributes:
         stated = set().union(*(attribute_terms(chat.answer(r["messages"]), e.attributes) for r in records))
         never = [t for t in e.attributes if t not in stated]
+        if len(never) == len(e.attributes):
+            raise InputError(f"evaluate.attributes: none of {never} occurs in any caption of {where}")
         if never:
-            raise InputError(f"evaluate.attributes: {never} occur in no caption of {where} "
-                             f"(stated there: {sorted(stated)})")
+            warnings.warn(f"evaluate.attributes: {never} occur in no caption of {where}")
