@@ -11,7 +11,7 @@ Saved per run and as mean ± sd per domain: val and test macro-F1, ignore rate, 
 mismatch AUROC, the largest subgroup macro-F1 gap and its upper bound, the positive-recall gap and its
 upper bound, whether every gate passed; and each stage's seconds.
 
-    python bench/quality.py [--domains lesions,parts] [--seeds 0,1,2] [--jobs 1] [--work bench/work/quality]
+    python bench/quality.py [--domains lesions,parts] [--seeds 0,1,2] [--jobs 1] [--work bench/work/quality] [--resume]
 """
 from __future__ import annotations
 
@@ -42,8 +42,12 @@ def make_data(domain: str, seed: int, work: Path, env: dict) -> list[str]:
     return [sys.executable, str(ROOT / "examples/parts/generate.py"), "--out", "work/parts/raw", "--seed", str(seed)]
 
 
-def one(domain: str, seed: int, work_root: Path, threads: int) -> dict:
+def one(domain: str, seed: int, work_root: Path, threads: int, resume: bool = False) -> dict:
     work = work_root / domain / f"seed{seed}"
+    if resume and (work / "result.json").is_file():  # a run that finished in an earlier invocation
+        out = json.loads((work / "result.json").read_text())
+        print(json.dumps({**out, "resumed": True}), flush=True)
+        return out
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
@@ -76,6 +80,7 @@ def one(domain: str, seed: int, work_root: Path, threads: int) -> dict:
            "gates_passed": all(g["passed"] for g in m["gates"].values()),
            "failed_gates": [k for k, g in m["gates"].items() if not g["passed"]],
            "n_test": m["n"], "n_val": m["sets"]["val"]["n"], "seconds": seconds}
+    (work / "result.json").write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out), flush=True)
     return out
 
@@ -102,12 +107,13 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--work", default=str(ROOT / "bench" / "work" / "quality"))
     ap.add_argument("--out", default="quality.json")
+    ap.add_argument("--resume", action="store_true", help="reuse the runs that finished in --work (result.json)")
     a = ap.parse_args()
     jobs = [(d, int(s)) for d in a.domains.split(",") for s in a.seeds.split(",")]
     threads = max(1, (os.cpu_count() or 2) // a.jobs)
     start = time.perf_counter()
     with ThreadPoolExecutor(a.jobs) as pool:
-        runs = list(pool.map(lambda j: one(j[0], j[1], Path(a.work), threads), jobs))
+        runs = list(pool.map(lambda j: one(j[0], j[1], Path(a.work), threads, a.resume), jobs))
     summary = summarise(runs)
     for domain, row in summary.items():
         print(domain, json.dumps({k: (f"{v['mean']:.3f} ± {v['sd']:.3f}" if isinstance(v, dict) else v)

@@ -133,35 +133,35 @@ def _defect(rng: np.random.Generator, p: Part, img: np.ndarray, inside: np.ndarr
     if p.label == "scratch":
         for _ in range(p.count):
             x, y = _zone_centre(rng, p.zone, solid)
-            a, half = rng.uniform(0, math.pi), size * (0.2 if big else 0.1)
+            a, half = rng.uniform(0, math.pi), size * (0.3 if big else 0.18)
             d.line((x - half * math.cos(a), y - half * math.sin(a), x + half * math.cos(a), y + half * math.sin(a)),
-                   fill=255, width=1)
+                   fill=255, width=3 if big else 2)
         m = np.asarray(layer, np.float32)[..., None] / 255 * inside
-        return img * (1 - m) + np.minimum(img * 1.45 + 0.15, 1) * m
+        return img * (1 - m) + (0.25 * img + 0.75) * m  # bare metal: near white
     if p.label == "crack":
         x, y = _zone_centre(rng, p.zone, solid)
-        a, steps = rng.uniform(0, 2 * math.pi), 9 if big else 5
+        a, steps = rng.uniform(0, 2 * math.pi), 10 if big else 7
         pts = [(x, y)]
         for _ in range(steps):
             a += rng.uniform(-0.9, 0.9)
-            x, y = x + 2.6 * math.cos(a), y + 2.6 * math.sin(a)
+            x, y = x + 4.0 * math.cos(a), y + 4.0 * math.sin(a)
             pts.append((x, y))
-        d.line(pts, fill=255, width=2 if big else 1)
+        d.line(pts, fill=255, width=3 if big else 2)
         bx, by = pts[len(pts) // 2]
         b = a + rng.choice([-1.2, 1.2])
-        d.line((bx, by, bx + 7 * math.cos(b), by + 7 * math.sin(b)), fill=255, width=1)
+        d.line((bx, by, bx + 10 * math.cos(b), by + 10 * math.sin(b)), fill=255, width=2)
         m = np.asarray(layer, np.float32)[..., None] / 255 * inside
-        return img * (1 - 0.85 * m)
+        return img * (1 - 0.9 * m)  # an open crack: near black
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     for _ in range(p.count):
         x, y = _zone_centre(rng, p.zone, solid)
-        r = size * (0.09 if big else 0.05) * rng.uniform(0.85, 1.15)
+        r = size * (0.14 if big else 0.09) * rng.uniform(0.85, 1.15)
         dist = np.hypot(xx - x, yy - y) / r
         if p.label == "dent":  # dark on one side, light on the other: a shaded depression
             a = rng.uniform(0, 2 * math.pi)
             shade = ((xx - x) * math.cos(a) + (yy - y) * math.sin(a)) / r
             m = np.clip(1 - dist, 0, 1) * inside[..., 0]
-            img = img * (1 + (0.8 * m * shade - 0.25 * m)[..., None])
+            img = img * (1 + (0.9 * m * shade - 0.45 * m)[..., None])
         else:  # corrosion: rough orange-brown patch with dark pits
             rough = dist + 0.35 * rng.uniform(-1, 1, dist.shape)
             m = (rough < 1).astype(np.float32)[..., None] * inside
