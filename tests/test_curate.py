@@ -179,7 +179,7 @@ def test_jsonl_and_parquet_manifests_read_like_csv(clean_set, tmp_path):
 def test_main_writes_all_outputs_or_nothing(bad_set, params, tmp_path, monkeypatch):
     out = tmp_path / "curated"
     p = dataclasses.replace(params, paths=dataclasses.replace(params.paths, raw=str(bad_set), curated=str(out)),
-                            curate=_cfg(params))
+                            curate=_cfg(params), data=dataclasses.replace(params.data, subgroups=()))  # no such column
     report = curate.main(p)
     assert sorted(f.name for f in out.iterdir()) == ["quarantine.jsonl", "report.json", "samples.jsonl"]
     assert report["accepted"] == 1
