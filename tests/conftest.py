@@ -145,6 +145,12 @@ def make_clone(tmp_path: Path) -> tuple[Path, dict]:
 def tiny_project_params(params: dict) -> dict:
     """params.yaml (as a dict) shrunk so that the whole pipeline runs in a minute or two."""
     params["synth"].update(n=60, image_size=64)
+    return tiny_sizes(params)
+
+
+def tiny_sizes(params: dict) -> dict:
+    """Any params file (as a dict) with the model, detector, base, training and evaluation shrunk; no
+    domain key touched."""
     params["model"]["image_size"] = 64
     params["curate"]["mismatch"].update(epochs=2, folds=3, image_size=32)
     params["split"]["min_stratum"] = 4
