@@ -261,6 +261,7 @@ class Promote:
     improve_on: tuple[str, ...] = ("test",)   # sets on which the primary metric must improve
     max_drop: float = 0.02         # on every other set, the most the primary metric may fall
     min_samples: int = 30          # per set, samples neither model trained or validated on; fewer: no decision
+    approval: Literal["none", "required"] = "none"  # required: `champion` moves only after a person approves
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,6 @@ def merge(adapter: Path, params: config.Params, out: Path) -> dict:
 
 def registry_adapter(params: config.Params, version: str | None, alias: str | None, tmp: Path):
     """(local copy of the version's adapter, the version) for `--version` or `--alias`."""
-    from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
     c, name = tracking.client(), params.mlflow.registered_model
@@ -48,8 +47,7 @@ def registry_adapter(params: config.Params, version: str | None, alias: str | No
     if mv is None:
         what = f"version {version}" if version else f"alias {alias!r}"
         raise InputError(f"export: registered model {name!r} has no {what}")
-    local = Path(download_artifacts(artifact_uri=mv.source, dst_path=str(tmp), tracking_uri=c.tracking_uri))
-    return local, mv
+    return tracking.download_adapter(c, mv, tmp), mv
 
 
 def main(params: config.Params, version: str | None = None, alias: str | None = None,

@@ -202,18 +202,17 @@ def alignment_adapter(params: config.Params) -> tuple[Path | None, str]:
     local = Path(params.paths.models) / "adapter"
     if params.monitor.adapter == "champion":
         try:
-            from mlflow.artifacts import download_artifacts
-
             from pipeline import tracking
 
             c = tracking.client()
             version = tracking.alias_version(c, params.mlflow.registered_model, "champion")
             if version is not None:
                 dst = Path(params.paths.reports) / "drift" / ".champion" / str(version.version)
-                if not (dst / "adapter" / "pipeline_meta.json").is_file():
+                found = next(iter(dst.glob("**/pipeline_meta.json")), None) if dst.is_dir() else None
+                if found is None:
                     dst.mkdir(parents=True, exist_ok=True)
-                    download_artifacts(artifact_uri=version.source, dst_path=str(dst), tracking_uri=c.tracking_uri)
-                return dst / "adapter", f"champion v{version.version}"
+                    return tracking.download_adapter(c, version, dst), f"champion v{version.version}"
+                return found.parent, f"champion v{version.version}"
         except Exception as e:  # noqa: BLE001 - the registry is optional here: fall back, and say so
             print(f"monitor: the registry could not be read ({type(e).__name__}: {e}); using {local}", file=sys.stderr)
     if (local / "pipeline_meta.json").is_file():

@@ -7,6 +7,13 @@ the current `champion` (if any) is evaluated on the same sets, and the challenge
 if it beats it on the primary metric on `promote.improve_on` and falls by no more than
 `promote.max_drop` on every other set. The former champion keeps alias `previous`;
 `promote --rollback` gives `champion` back to it.
+
+With `promote.approval: required` a challenger that earns `champion` waits instead (decision "awaiting
+approval", the champion it was judged against recorded); `promote --approve N --by NAME` moves the alias
+(refused if the champion changed meanwhile), `promote --reject N --by NAME` tags the version rejected by a
+person and moves nothing. The `finetune` DAG asks through Airflow's human-in-the-loop approval.
+Every version is a servable MLflow pyfunc model (`pipeline.serve`); `lineage` prints the chain from data
+to a version.
 """
 from __future__ import annotations
 
@@ -14,10 +21,13 @@ import json
 import tempfile
 from pathlib import Path
 
-from pipeline import config, data as dataio, model as modelmod, scoring, tracking, vcs
+from pipeline import config, data as dataio, model as modelmod, scoring, serve, tracking, vcs
 from pipeline.errors import CheckFailed, InputError
 
-HISTORY_TAG = "champion_history"  # registered-model tag: comma-separated champion versions, oldest first
+MODEL_PATH = "model"  # the registered pyfunc model, in the train run's artifacts
+HISTORY_TAG = "champion_history"
+AWAITING = "awaiting approval"  # decision of a better challenger under `promote.approval: required`
+AWAITING_TAG = "awaiting_over"   # the champion version it was judged against ("none": the first)  # registered-model tag: comma-separated champion versions, oldest first
 
 
 def history(c, name: str) -> list[str]:
@@ -38,12 +48,14 @@ def register(c, name: str, adapter: Path, metrics: dict, params: config.Params):
     if found:
         return found[0]
     run_id = metrics.get("train_run_id")
-    if not run_id or not _has_adapter(c, run_id):
+    if not run_id or not _has_run(c, run_id):
         tracking.use_experiment(params.mlflow.experiment)
         with mlflow.start_run(run_name="register") as run:
-            mlflow.log_artifacts(str(adapter), artifact_path="adapter")
             run_id = run.info.run_id
-    source = f"{c.get_run(run_id).info.artifact_uri}/adapter"
+    # the version is a servable pyfunc model holding the adapter (pipeline.serve), logged to the train run
+    with tempfile.TemporaryDirectory() as tmp:
+        c.log_artifacts(run_id, str(serve.save(Path(tmp) / "model", adapter, params)), artifact_path=MODEL_PATH)
+    source = f"{c.get_run(run_id).info.artifact_uri}/{MODEL_PATH}"
     meta = json.loads((adapter / "pipeline_meta.json").read_text()) if (adapter / "pipeline_meta.json").is_file() else {}
     tags = {"adapter_sha256": sha, "git_commit": str(vcs.git_commit()), "train_run_id": str(run_id),
             "seen_ids_sha256": str(meta.get("seen_ids_sha256")), "base_weights_sha256": str(meta.get("base_weights_sha256")),
@@ -52,11 +64,12 @@ def register(c, name: str, adapter: Path, metrics: dict, params: config.Params):
     return c.create_model_version(name, source=source, run_id=run_id, tags=tags)
 
 
-def _has_adapter(c, run_id: str) -> bool:
+def _has_run(c, run_id: str) -> bool:
     from mlflow.exceptions import MlflowException
 
     try:
-        return any(f.path.endswith("adapter") for f in c.list_artifacts(run_id))
+        c.get_run(run_id)
+        return True
     except MlflowException:
         return False
 
@@ -93,9 +106,7 @@ def evaluate_champion(c, version, params: config.Params) -> tuple[dict, dict[str
         return None
     sets, mismatch = scoring.load_sets(params)
     with tempfile.TemporaryDirectory() as tmp:
-        from mlflow.artifacts import download_artifacts
-
-        local = Path(download_artifacts(artifact_uri=version.source, dst_path=tmp, tracking_uri=c.tracking_uri))
+        local = tracking.download_adapter(c, version, Path(tmp))
         seen = modelmod.seen_ids(local)
         if seen is None:
             raise CheckFailed(f"promote: champion v{version.version} records no seen ids ({modelmod.SEEN_IDS}): "
@@ -194,6 +205,17 @@ def promote(params: config.Params) -> dict:
     if not better:
         c.set_model_version_tag(name, v, "decision", "kept champion: " + "; ".join(reasons))
         return {"version": v, "decision": "not promoted", "champion": str(champion.version), "reasons": reasons}
+    if params.promote.approval == "required":
+        held = str(champion.version) if champion is not None else "none"
+        c.set_model_version_tag(name, v, AWAITING_TAG, held)
+        c.set_model_version_tag(name, v, "decision", AWAITING + ": " + "; ".join(reasons))
+        return {"version": v, "decision": AWAITING, "champion": None if champion is None else held,
+                "reasons": reasons, "links": links(c, name, v, metrics)}
+    return take_over(c, name, v, champion, reasons, "promoted")
+
+
+def take_over(c, name: str, v: str, champion, reasons: list[str], how: str) -> dict:
+    """`champion` to version `v`; the former champion keeps `previous` and the history grows."""
     past = history(c, name)
     if champion is not None:
         c.set_registered_model_alias(name, "previous", str(champion.version))
@@ -201,9 +223,62 @@ def promote(params: config.Params) -> dict:
             past.append(str(champion.version))
     c.set_registered_model_alias(name, "champion", v)
     set_history(c, name, past + [v])
-    c.set_model_version_tag(name, v, "decision", "promoted: " + "; ".join(reasons))
+    c.set_model_version_tag(name, v, "decision", f"{how}: " + "; ".join(reasons))
     return {"version": v, "decision": "promoted", "champion": v,
             "previous": str(champion.version) if champion else None, "reasons": reasons}
+
+
+def links(c, name: str, v: str, metrics: dict) -> dict:
+    """Where a person reviewing the decision looks: the model version, the train and evaluate runs."""
+    uri = c.tracking_uri
+    out = {"model": f"models:/{name}/{v}", "tracking_uri": uri}
+    for key in ("train_run_id", "eval_run_id"):
+        run_id = metrics.get(key)
+        if not run_id:
+            continue
+        out[key] = run_id
+        if uri.startswith(("http://", "https://")):
+            exp = c.get_run(run_id).info.experiment_id
+            out[key.replace("_id", "_url")] = f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"
+    return out
+
+
+def _awaiting(c, name: str, version: str, who: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = c.get_model_version(name, str(version))
+    except MlflowException:
+        raise InputError(f"promote {who}: registered model {name!r} has no version {version}") from None
+    decision = mv.tags.get("decision", "")
+    if not decision.startswith(AWAITING):
+        raise InputError(f"promote {who}: version {version} is not awaiting approval (decision: {decision or 'none'!r})")
+    return mv, [r for r in decision[len(AWAITING) + 2:].split("; ") if r]
+
+
+def approve(params: config.Params, version: str, by: str = "a person") -> dict:
+    """A person approved version `version`'s promotion: it takes `champion`, unless the champion changed
+    since the decision was made (then nothing moves: decide again)."""
+    name, c = params.mlflow.registered_model, tracking.client()
+    mv, reasons = _awaiting(c, name, version, "--approve")
+    champion = tracking.alias_version(c, name, "champion")
+    now, then = str(champion.version) if champion is not None else "none", mv.tags.get(AWAITING_TAG, "none")
+    if now != then:
+        raise CheckFailed(f"promote --approve: the champion changed since version {version} was judged "
+                          f"(then v{then}, now v{now}); nothing moves: run promote again")
+    c.set_model_version_tag(name, str(version), "approved_by", by)
+    return {**take_over(c, name, str(version), champion, reasons, f"promoted (approved by {by})"), "approved_by": by}
+
+
+def reject(params: config.Params, version: str, by: str = "a person") -> dict:
+    """A person rejected version `version`'s promotion: the version is tagged so, no alias moves."""
+    name, c = params.mlflow.registered_model, tracking.client()
+    _, reasons = _awaiting(c, name, version, "--reject")
+    c.set_model_version_tag(name, str(version), "rejected_by", by)
+    c.set_model_version_tag(name, str(version), "decision", f"rejected by a person ({by}): " + "; ".join(reasons))
+    champion = tracking.alias_version(c, name, "champion")
+    return {"version": str(version), "decision": "rejected by a person", "rejected_by": by,
+            "champion": str(champion.version) if champion is not None else None}
 
 
 def rollback(params: config.Params) -> dict:
@@ -236,5 +311,55 @@ def rollback(params: config.Params) -> dict:
             "demoted": str(champion.version) if champion else None, "previous": past[-1] if past else None}
 
 
-def main(params: config.Params, rollback_: bool = False) -> dict:
+def lineage(params: config.Params, version: str | None = None, alias: str | None = None) -> dict:
+    """From data to version, for `--version N` or `--alias` (default champion): the git commit, the DVC
+    hashes of every pipeline output (data, splits, base, adapter, reports) as recorded in dvc.lock when
+    the version was registered, the base's weights hash, the train and evaluate runs, and the decision."""
+    from mlflow.exceptions import MlflowException
+
+    name, c = params.mlflow.registered_model, tracking.client()
+    alias = None if version else (alias or "champion")
+    try:
+        mv = c.get_model_version(name, str(version)) if version else tracking.alias_version(c, name, alias)
+    except MlflowException:
+        mv = None
+    if mv is None:
+        raise InputError(f"lineage: registered model {name!r} has no {f'version {version}' if version else f'alias {alias!r}'}")
+    t = mv.tags
+    dvc = {k[len("dvc."):]: v for k, v in sorted(t.items()) if k.startswith("dvc.")}
+
+    def run_of(run_id: str | None) -> dict | None:
+        if not run_id or run_id == "None":
+            return None
+        try:
+            r = c.get_run(run_id)
+        except MlflowException:
+            return {"run_id": run_id, "found": False}
+        return {"run_id": run_id, "name": r.info.run_name, "status": r.info.status,
+                "metrics": {k: v for k, v in sorted(r.data.metrics.items()) if "/" not in k}}
+
+    aliases = sorted(a for a in ("champion", "challenger", "previous")
+                     if (h := tracking.alias_version(c, name, a)) is not None and str(h.version) == str(mv.version))
+    chain = [f"git commit {t.get('git_commit')}"]
+    chain += [f"{path}: md5 {md5}" for path, md5 in dvc.items()]
+    chain += [f"base {t.get('base')} (weights sha256 {t.get('base_weights_sha256')})",
+              f"train run {t.get('train_run_id')} -> adapter sha256 {t.get('adapter_sha256')}",
+              f"evaluate run {t.get('eval_run_id')}: f1_macro {t.get('f1_macro')}, gates passed {t.get('gates_passed')}",
+              f"{name} v{mv.version} ({', '.join(aliases) or 'no alias'}): {t.get('decision', 'no decision yet')}"]
+    return {"registered_model": name, "version": str(mv.version), "aliases": aliases, "source": mv.source,
+            "git_commit": t.get("git_commit"), "dvc": dvc, "base": t.get("base"),
+            "base_weights_sha256": t.get("base_weights_sha256"), "adapter_sha256": t.get("adapter_sha256"),
+            "seen_ids_sha256": t.get("seen_ids_sha256"), "train": run_of(t.get("train_run_id")),
+            "evaluate": run_of(t.get("eval_run_id")), "decision": t.get("decision"),
+            "export_uri": t.get("export_uri"), "chain": chain}
+
+
+def main(params: config.Params, rollback_: bool = False, approve_: str | None = None, reject_: str | None = None,
+         by: str | None = None) -> dict:
+    if sum(bool(x) for x in (rollback_, approve_, reject_)) > 1:
+        raise InputError("promote: give at most one of --rollback, --approve, --reject")
+    if approve_:
+        return approve(params, approve_, by or "a person")
+    if reject_:
+        return reject(params, reject_, by or "a person")
     return rollback(params) if rollback_ else promote(params)

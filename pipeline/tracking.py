@@ -85,6 +85,15 @@ def alias_version(c, name: str, alias: str):
         return None
 
 
+def download_adapter(c, version, dst: Path) -> Path:
+    """Download a registry version and return its adapter folder: a pyfunc model's `artifacts/adapter`
+    (`pipeline.serve`), or the version's folder itself (versions registered as a bare adapter)."""
+    from mlflow.artifacts import download_artifacts
+
+    local = Path(download_artifacts(artifact_uri=version.source, dst_path=str(dst), tracking_uri=c.tracking_uri))
+    return local / "artifacts" / "adapter" if (local / "MLmodel").is_file() else local
+
+
 def ensure_model(c, name: str) -> None:
     from mlflow.exceptions import MlflowException
 

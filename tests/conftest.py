@@ -167,7 +167,8 @@ def loop_project_params(params: dict) -> dict:
     improvement needed, any drop tolerated; promote's rules themselves are tested in test_promote), and
     MMD for embedding drift (Evidently's domain classifier is too noisy at ~40 rows a side)."""
     p = tiny_project_params(params)
-    p["evaluate"]["gates"].update(min_f1_macro=0.0, max_ignore_rate=1.0, max_bias_gap=1.0, min_mismatch_auroc=0.0)
+    p["evaluate"]["gates"].update(min_f1_macro=0.0, max_ignore_rate=1.0, max_bias_gap=1.0, min_mismatch_auroc=0.0,
+                                  max_recall_gap=None)
     p["evaluate"]["bias"]["min_group_size"] = 1
     p["monitor"].update(min_rows=10, min_captions=5)
     p["monitor"]["embedding"] = {"method": "mmd", "threshold": 0.015}

@@ -77,10 +77,11 @@ def test_unreachable_tracking_server_exits_3_naming_it_and_logs_nowhere_else(tmp
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
-    r = subprocess.run([sys.executable, "-m", "pipeline", "promote", "--rollback", "--params", str(ROOT / "params.yaml")],
-                       cwd=tmp_path, capture_output=True, text=True, env=env)
-    assert r.returncode == 3, r.stderr
-    assert f"MLflow tracking server at http://127.0.0.1:{port} could not be reached" in r.stderr
+    for command in (["promote", "--rollback"], ["lineage"], ["export", "--alias", "champion"]):
+        r = subprocess.run([sys.executable, "-m", "pipeline", *command, "--params", str(ROOT / "params.yaml")],
+                           cwd=tmp_path, capture_output=True, text=True, env=env)
+        assert r.returncode == 3, (command, r.stderr)
+        assert f"MLflow tracking server at http://127.0.0.1:{port} could not be reached" in r.stderr
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
 
 

@@ -251,16 +251,16 @@ def test_worker_killed_during_train_the_retry_resumes_from_the_checkpoint(scenar
 
 
 def test_dvc_push_then_pull_in_a_fresh_clone_gives_the_champions_adapter_byte_for_byte(scenario):
-    from mlflow.artifacts import download_artifacts
     from mlflow import MlflowClient
+
+    from pipeline import tracking
 
     e, repo = scenario["env"], scenario["repo"]
     name = yaml.safe_load((repo / "params.yaml").read_text())["mlflow"]["registered_model"]
     os.environ.update({k: e[k] for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")})
     client = MlflowClient(e["MLFLOW_TRACKING_URI"])
     champion = client.get_model_version_by_alias(name, "champion")
-    registered = Path(download_artifacts(artifact_uri=champion.source, dst_path=str(scenario["tmp"] / "registered"),
-                                         tracking_uri=e["MLFLOW_TRACKING_URI"]))
+    registered = tracking.download_adapter(client, champion, scenario["tmp"] / "registered")
     fresh = scenario["tmp"] / "fresh"
     env = {**e, "MLFLOW_TRACKING_URI": "sqlite:///unused.db"}
     run_ok(["git", "clone", "-q", str(repo), str(fresh)], scenario["tmp"], env)

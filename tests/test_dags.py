@@ -30,17 +30,23 @@ print(json.dumps({{"errors": {{k: str(v) for k, v in bag.import_errors.items()}}
   "m_tasks": sorted(m.task_ids), "f_tasks": sorted(f.task_ids),
   "pools": {{t.task_id: t.pool for t in f.tasks}}, "queues": {{t.task_id: t.queue for t in f.tasks}},
   "trigger": m.get_task("trigger_finetune").partial_kwargs.get("trigger_dag_id"),
+  "kinds": {{t.task_id: [k.__name__ for k in type(t).__mro__] for t in f.tasks}},
   "f_up": {{t.task_id: sorted(t.upstream_task_ids) for t in f.tasks}}}}))
 """, tmp_path)
     assert out["errors"] == {} and out["ids"] == ["finetune", "monitor"]
     assert out["m_schedule"] == "@daily" and out["m_catchup"] is False and out["m_runs"] == 1
     assert out["f_runs"] == 1 and out["f_schedule"] in ("None", "")
     assert {"find_batches", "check", "decide", "drifted", "no_drift", "trigger_finetune"} <= set(out["m_tasks"])
-    assert out["f_tasks"] == ["ingest", "promote", "publish", "repro"]
+    assert out["f_tasks"] == ["apply_approval", "approval", "ingest", "needs_approval", "promote", "publish",
+                              "record_rejection", "repro"]
     assert out["pools"]["ingest"] == out["pools"]["repro"] == out["pools"]["publish"] == "dvc"  # never at once
     assert out["queues"]["repro"] == "training" and out["trigger"] == "finetune"
-    # chained with >>, one after the other: ingest -> repro -> publish -> promote
-    assert out["f_up"] == {"ingest": [], "repro": ["ingest"], "publish": ["repro"], "promote": ["publish"]}
+    # chained with >>, one after the other: ingest -> repro -> publish -> promote, then the approval path;
+    # record_rejection is not a direct downstream of approval (which skips those when a person rejects)
+    assert out["f_up"] == {"ingest": [], "repro": ["ingest"], "publish": ["repro"], "promote": ["publish"],
+                           "needs_approval": ["promote"], "approval": ["needs_approval"],
+                           "apply_approval": ["approval", "promote"], "record_rejection": ["apply_approval", "promote"]}
+    assert "ApprovalOperator" in out["kinds"]["approval"]  # Airflow's human-in-the-loop approval
 
 
 def test_last_json_reads_the_summary_printed_last():

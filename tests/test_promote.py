@@ -113,7 +113,7 @@ def test_a_champion_that_cannot_be_evaluated_stops_the_decision(params, tmp_path
     p1 = trained_project(params, tmp_path / "a", base_dir, records, seed=0)
     evaluate.main(p1)
     v1 = promote.main(p1)["version"]
-    meta = Path(urlparse(registry.get_model_version(name, v1).source).path) / "pipeline_meta.json"
+    meta = Path(urlparse(registry.get_model_version(name, v1).source).path) / "artifacts/adapter/pipeline_meta.json"
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "base_weights_sha256": "0" * 64}))
     p2 = trained_project(params, tmp_path / "b", base_dir, records, seed=1)
     evaluate.main(p2)
@@ -194,3 +194,52 @@ def test_after_a_resplit_models_are_compared_only_on_samples_neither_saw(params,
     with pytest.raises(CheckFailed, match=r"test: \d+ of 8 samples unseen by both \(promote.min_samples 50\)"):
         promote.main(_with(p3, min_improvement=-1.0, min_samples=50))
     assert _aliases(registry, name) == before
+
+
+def _standin_registry(c, name, n):
+    """`n` registered versions (stand-ins: no model behind them) for the alias bookkeeping rules."""
+    c.create_registered_model(name)
+    return [str(c.create_model_version(name, source=f"/nowhere/{i}").version) for i in range(n)]
+
+
+def test_rollback_twice_walks_back_the_champion_history(params, registry):
+    name = params.mlflow.registered_model
+    v1, v2, v3 = _standin_registry(registry, name, 3)
+    for v, prev in ((v1, None), (v2, v1), (v3, v2)):  # three promotions, as take_over records them
+        promote.take_over(registry, name, v, None if prev is None else registry.get_model_version(name, prev), ["r"], "promoted")
+    assert _aliases(registry, name) == {"champion": v3, "challenger": None, "previous": v2}
+    assert promote.main(params, rollback_=True)["champion"] == v2
+    assert _aliases(registry, name) == {"champion": v2, "challenger": None, "previous": v1}
+    assert promote.main(params, rollback_=True)["champion"] == v1
+    assert _aliases(registry, name) == {"champion": v1, "challenger": None, "previous": None}
+    with pytest.raises(InputError, match="no version with alias 'previous'"):
+        promote.main(params, rollback_=True)
+    assert registry.get_model_version(name, v3).tags["decision"] == f"rolled back to v{v2}"
+
+
+def test_approval_moves_the_alias_only_for_the_champion_it_was_judged_against(params, registry):
+    """promote.approval: required leaves a better challenger 'awaiting approval'; --approve moves champion
+    unless the champion changed meanwhile (exit 1, nothing moves); --reject tags it, nothing moves."""
+    name = params.mlflow.registered_model
+    v1, v2, v3 = _standin_registry(registry, name, 3)
+    promote.take_over(registry, name, v1, None, ["first"], "promoted")
+    for v in (v2, v3):
+        registry.set_model_version_tag(name, v, "decision", "awaiting approval: test: f1_macro 0.9 vs 0.8; a: ok")
+        registry.set_model_version_tag(name, v, promote.AWAITING_TAG, v1)
+    with pytest.raises(InputError, match="version 1 is not awaiting approval"):
+        promote.main(params, approve_=v1)
+    out = promote.main(params, approve_=v2, by="dr-b")
+    assert out["champion"] == v2 and out["reasons"] == ["test: f1_macro 0.9 vs 0.8", "a: ok"]
+    assert _aliases(registry, name)["champion"] == v2 and _aliases(registry, name)["previous"] == v1
+    tags = registry.get_model_version(name, v2).tags
+    assert tags["decision"].startswith("promoted (approved by dr-b): test: f1_macro") and tags["approved_by"] == "dr-b"
+    # v3 was judged against v1, but v2 is champion now: approving it would skip a comparison
+    with pytest.raises(CheckFailed, match=r"champion changed since version 3 was judged \(then v1, now v2\)"):
+        promote.main(params, approve_=v3)
+    assert _aliases(registry, name)["champion"] == v2
+    out = promote.main(params, reject_=v3, by="dr-c")
+    assert out["decision"] == "rejected by a person" and out["champion"] == v2
+    assert registry.get_model_version(name, v3).tags["decision"].startswith("rejected by a person (dr-c)")
+    assert _aliases(registry, name)["champion"] == v2
+    with pytest.raises(InputError, match="at most one of"):
+        promote.main(params, rollback_=True, approve_=v3)
