@@ -119,6 +119,36 @@ def trained_project(params: config.Params, root: Path, base_dir: Path, records: 
 BIN = Path(sys.executable).parent
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(proc, timeout: float = 30) -> None:
+    """Terminate a server started by a test; kill it if it does not stop."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def promoted_project(params: config.Params, tmp_path: Path, base_dir: Path, records: list[dict], monkeypatch):
+    """A trained, evaluated and promoted project in `tmp_path` on its own SQLite registry: (params, uri, version)."""
+    from pipeline import evaluate, promote
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    p = trained_project(params, tmp_path, base_dir, records)
+    evaluate.main(p)
+    return p, uri, promote.main(p)["version"]
+
+
 def run_ok(cmd, cwd, env, timeout=900) -> str:
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"{cmd}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"

@@ -25,7 +25,7 @@ import requests
 import yaml
 
 from conftest import BIN, ROOT, make_clone, run_ok, loop_project_params
-from test_distributed import free_port
+from conftest import free_port
 
 
 def _reachable(host: str, port: int) -> bool:
@@ -44,12 +44,6 @@ pytestmark = [
 ]
 CLUSTER = ROOT / "scripts" / "cluster.sh"
 TIMEOUT = 1200
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sourced(env_sh: Path, env: dict) -> dict:
@@ -115,7 +109,7 @@ def scenario(tmp_path_factory):
     run_ok(["git", "commit", "-qam", "tiny params"], repo, env)
     prefix = f"pipeline_test_{os.getpid()}"
     cenv = {**env, "CLUSTER_DIR": str(tmp / "cluster"), "CLUSTER_DB_PREFIX": prefix,
-            "MLFLOW_PORT": str(_free_port()), "AIRFLOW_API_PORT": str(_free_port()),
+            "MLFLOW_PORT": str(free_port()), "AIRFLOW_API_PORT": str(free_port()),
             "PIPELINE_PROJECT": str(repo), "PIPELINE_PYTHON": str(BIN / "python"),
             "PIPELINE_MONITOR_SCHEDULE": "none", "PIPELINE_RETRY_DELAY": "5", "PIPELINE_TASK_RETRIES": "1",
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "20"}

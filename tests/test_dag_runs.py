@@ -4,7 +4,6 @@ ends with a promotion decision that follows the gates and, with `promote.approva
 person, who answers through Airflow's REST API: approve (the alias moves), reject (nothing moves)
 (real MLflow SQLite registry, real DVC, a real Airflow API server)."""
 import json
-import socket
 import sqlite3
 import subprocess
 import time
@@ -16,7 +15,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import BIN, make_clone, run_ok, loop_project_params
+from conftest import BIN, free_port, loop_project_params, make_clone, run_ok, stop
 
 
 def _api(url: str, method: str = "GET", body: dict | None = None) -> dict:
@@ -24,12 +23,6 @@ def _api(url: str, method: str = "GET", body: dict | None = None) -> dict:
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def finetune_answered(repo, env, batch: str, api: str, choice: str, timeout: float = 1500) -> tuple[dict, str]:
@@ -111,7 +104,7 @@ def test_monitor_triggers_finetune_which_decides_by_the_gates_and_a_person(tmp_p
         runs = db.execute("SELECT conf, state FROM dag_run WHERE dag_id = 'finetune'").fetchall()
     assert len(runs) == 1 and json.loads(runs[0][0]) == {"batch": str(repo / "data/incoming/b_phone")}
     # the triggered run, with its conf; it waits for a person, who approves through the REST API
-    port = _free_port()
+    port = free_port()
     api_env = {**env, "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True"}  # no login in this test
     server = subprocess.Popen([airflow, "api-server", "--port", str(port)], cwd=repo, env=api_env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -157,8 +150,4 @@ def test_monitor_triggers_finetune_which_decides_by_the_gates_and_a_person(tmp_p
         assert third.tags["rejected_by"] == asked["answer"]["responded_by"]["name"]
         assert {a: str(c.get_model_version_by_alias(name, a).version) for a in ("champion", "previous")} == before
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server)

@@ -3,7 +3,6 @@ a killed 2-rank run resumes to the same adapter, bad settings refused before any
 import dataclasses
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -15,15 +14,9 @@ from safetensors.torch import load_file
 from pipeline import config, data as dataio, distributed
 from pipeline.errors import InputError
 
-from conftest import ROOT, kill_after_checkpoint
+from conftest import ROOT, free_port, kill_after_checkpoint
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def project(root, base_dir, records, **train):

@@ -9,10 +9,10 @@ import torch
 from mlflow import MlflowClient
 from transformers import AutoProcessor, Gemma3ForConditionalGeneration
 
-from pipeline import evaluate, export, promote
+from pipeline import export
 from pipeline.errors import InputError
 
-from conftest import ROOT, trained_project
+from conftest import ROOT, promoted_project, trained_project
 
 
 def _encode(processor, records):
@@ -69,12 +69,7 @@ def test_merged_model_answers_as_the_adapter_does(params, tmp_path, base_dir, re
 
 @pytest.mark.slow
 def test_export_from_the_registry_tags_the_version(params, tmp_path, base_dir, records, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)
-    p = trained_project(params, tmp_path, base_dir, records)
-    evaluate.main(p)
-    v = promote.main(p)["version"]
+    p, uri, v = promoted_project(params, tmp_path, base_dir, records, monkeypatch)
     out = export.main(p)  # default: the champion
     assert out["version"] == v and (tmp_path / "models" / "export" / f"{p.mlflow.registered_model}-v{v}" / "config.json").is_file()
     tags = MlflowClient(uri).get_model_version(p.mlflow.registered_model, v).tags

@@ -5,7 +5,6 @@ import base64
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,15 +15,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline import data as dataio, evaluate, promote, tracking
+from pipeline import data as dataio, tracking
 
-from conftest import trained_project
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import free_port, promoted_project, stop
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:
@@ -44,12 +37,7 @@ def _b64(img: Image.Image) -> str:
 
 @pytest.mark.slow
 def test_the_served_champion_answers_as_evaluate_predicted(params, tmp_path, base_dir, records, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)
-    p = trained_project(params, tmp_path, base_dir, records)
-    evaluate.main(p)
-    v = promote.main(p)["version"]
+    p, uri, v = promoted_project(params, tmp_path, base_dir, records, monkeypatch)
     c = tracking.client()
     version = c.get_model_version(p.mlflow.registered_model, v)
     assert version.source.endswith("/model")
@@ -60,7 +48,7 @@ def test_the_served_champion_answers_as_evaluate_predicted(params, tmp_path, bas
 
     predictions = dataio.read_jsonl(tmp_path / "reports" / "eval" / "predictions.jsonl")[:3]
     by_id = {r["id"]: r for r in records}
-    port = _free_port()
+    port = free_port()
     # as from an activated environment: mlflow starts `uvicorn` from PATH
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -100,8 +88,4 @@ def test_the_served_champion_answers_as_evaluate_predicted(params, tmp_path, bas
         status, body = _post(url, {"dataframe_records": [{"image": images[0]}]})
         assert status == 200 and body["predictions"][0]["answer"] == predictions[0]["answer"]
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server)
