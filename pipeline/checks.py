@@ -189,14 +189,58 @@ def mark_duplicates(rows: list[Row], max_bits: int) -> None:
     if max_bits < 0 or len(keepers) < 2:
         return
     hashes = np.stack([r.phash for r in keepers])  # (N, 4)
-    for i, r in enumerate(keepers):
+    later: dict[int, list[int]] = {}
+    for i, j in near_pairs(hashes, max_bits):
+        later.setdefault(int(i), []).append(int(j))
+    for i, r in enumerate(keepers):  # the first of a group keeps, in manifest order, as an exhaustive scan would
         if r.reasons:
             continue
-        dist = np.bitwise_count(hashes[i + 1 :] ^ hashes[i]).sum(1)
-        for j in np.flatnonzero(dist <= max_bits):
-            other = keepers[i + 1 + j]
+        for j in later.get(i, ()):
+            other = keepers[j]
             if not other.reasons:
                 other.reasons.append(f"duplicate_of:{sample_id(r.raw)}")
+
+
+def near_pairs(hashes: np.ndarray, max_bits: int) -> np.ndarray:
+    """(P, 2) index pairs i < j (sorted) of the (N, 4) uint64 256-bit hashes within Hamming distance
+    `max_bits`, without comparing every pair: multi-index hashing (Norouzi et al. 2012). The 256 bits are cut
+    into `max_bits + 1` disjoint chunks; by the pigeonhole principle two hashes within `max_bits` agree
+    exactly on at least one chunk, so only pairs that share a chunk value are compared. The same pairs as an
+    exhaustive search, in ~N * (N / 2^chunk bits) comparisons instead of N^2 / 2."""
+    n = len(hashes)
+    if n < 2 or max_bits < 0:
+        return np.zeros((0, 2), np.int64)
+    words = np.ascontiguousarray(hashes, dtype=np.uint64)
+    if max_bits >= 256:
+        i, j = np.triu_indices(n, 1)
+        return np.stack([i, j], 1).astype(np.int64)
+    bits = np.unpackbits(words.view(np.uint8), axis=1)  # (N, 256)
+    # any partition of the bits works; dealing them out by balance (share of ones nearest 1/2 first,
+    # round-robin) spreads the informative bits over the chunks, so that no chunk is nearly constant
+    # (a pHash of similar pictures has many) and the buckets stay small
+    m = max_bits + 1
+    order_bits = np.argsort(np.abs(bits.mean(0) - 0.5), kind="stable")
+    bits = bits[:, np.concatenate([order_bits[c::m] for c in range(m)])]
+    edges = np.cumsum([0] + [len(order_bits[c::m]) for c in range(m)])
+    found: list[np.ndarray] = []
+    for a, b in zip(edges[:-1], edges[1:]):
+        keys = bits[:, a:b].astype(np.int64) @ (1 << np.arange(b - a, dtype=np.int64))
+        order = np.argsort(keys, kind="stable")
+        sk = keys[order]
+        for d in range(1, n):  # pairs (k, k + d) of the sorted keys inside one run of equal keys
+            same = np.flatnonzero(sk[d:] == sk[:-d])
+            if not len(same):
+                break
+            i, j = order[same], order[same + d]
+            i, j = np.minimum(i, j), np.maximum(i, j)
+            dist = np.bitwise_count(words[i] ^ words[j]).sum(1)
+            keep = dist <= max_bits
+            if keep.any():
+                found.append(i[keep] * n + j[keep])
+    if not found:
+        return np.zeros((0, 2), np.int64)
+    codes = np.unique(np.concatenate(found))
+    return np.stack([codes // n, codes % n], 1)
 
 
 def mark_mismatches(rows: list[Row], cfg: Curate) -> dict:
@@ -264,11 +308,16 @@ def image_hashes(paths: list[Path], skip_unreadable: bool = False) -> tuple[list
 
 def duplicates_of(ref: tuple[list[str], np.ndarray], other: tuple[list[str], np.ndarray], max_bits: int) -> np.ndarray:
     """(M,) mask: which of `other`'s images are exact or near (<= max_bits) duplicates of one of `ref`'s."""
-    same = np.array([s in set(ref[0]) for s in other[0]], bool)
+    refs = set(ref[0])
+    same = np.array([s in refs for s in other[0]], bool)
     if max_bits < 0 or not len(ref[1]) or not len(other[1]):
         return same
-    dist = np.bitwise_count(other[1][:, None, :] ^ ref[1][None, :, :]).sum(-1)  # (M, N)
-    return same | (dist <= max_bits).any(1)
+    n = len(ref[1])
+    pairs = near_pairs(np.concatenate([ref[1], other[1]]), max_bits)
+    cross = pairs[(pairs[:, 0] < n) & (pairs[:, 1] >= n)]  # i < j: a reference image, then one of `other`
+    near = np.zeros(len(other[1]), bool)
+    near[cross[:, 1] - n] = True
+    return same | near
 
 
 def sample_record(row: Row, image_ref: str, data: Data) -> dict:
