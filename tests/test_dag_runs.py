@@ -123,6 +123,8 @@ def test_monitor_triggers_finetune_which_decides_by_the_gates_and_a_person(tmp_p
         # what the person saw: the decision, its reasons, the model, the runs and the Evidently report
         assert asked["subject"] == f"Promote {newest.version} to champion?"
         assert "awaiting approval" in asked["body"] and "b_phone: f1_macro" in asked["body"]
+        # after a real ingest (the data split again), the models were compared on samples neither saw
+        assert "samples neither saw" in asked["body"]
         assert f"models:/{name}/{newest.version}" in asked["body"] and "train run:" in asked["body"]
         assert "reports/drift/b_phone/drift.html" in asked["body"]
         # approved: the alias moved, the decision and the person are recorded
