@@ -138,6 +138,7 @@ class ModelCfg:
     vocab_size: int = 1024
     vision: Tower = Tower()
     text: Tower = Tower()
+    attn_implementation: Literal["eager", "sdpa"] = "eager"  # sdpa: PyTorch's fused attention, same logits
 
 
 @dataclass(frozen=True)

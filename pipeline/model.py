@@ -153,13 +153,15 @@ def base_source(params: config.Params) -> str:
 
 
 def load(source: str, quantize: bool = False, keep_vision_16bit: bool = True, dtype=torch.float32,
-         sharded: bool = False, device: torch.device | None = None):
+         sharded: bool = False, device: torch.device | None = None, attn_implementation: str = "eager"):
     """(model, processor) from a folder or hub id; `quantize`: 4-bit NF4 base with double quantisation;
     `sharded`: the 4-bit data stored in `dtype` tensors, which FSDP shards like every other parameter
     (FSDP-QLoRA). A 4-bit model is quantised where it is placed: on `device` when that is a GPU."""
     from transformers import AutoProcessor, Gemma3ForConditionalGeneration
 
-    kwargs: dict = {"dtype": dtype, "attn_implementation": "eager"}
+    # eager or sdpa: both honour Gemma 3's bidirectional attention among one image's tokens (flash
+    # attention does not, and transformers refuses it for Gemma 3); tests/test_attention.py checks both
+    kwargs: dict = {"dtype": dtype, "attn_implementation": attn_implementation}
     if quantize:
         kwargs["quantization_config"] = nf4_config(keep_vision_16bit, dtype, dtype if sharded else torch.uint8)
         if device is not None and device.type == "cuda":
@@ -250,7 +252,8 @@ def load_trainable(params: config.Params, device, dtype):
     """(PEFT model, processor) for `train`: the base (4-bit for QLoRA) on `device`, adapters on top."""
     cfg = params.train.peft
     model, processor = load(base_source(params), quantize=cfg.method == "qlora", keep_vision_16bit=cfg.keep_vision_16bit,
-                            dtype=dtype, sharded=params.train.distributed.strategy == "fsdp", device=device)
+                            dtype=dtype, sharded=params.train.distributed.strategy == "fsdp", device=device,
+                            attn_implementation=params.model.attn_implementation)
     if cfg.method != "qlora":
         model.to(device)
     return apply_peft(model, cfg, adapter_name=cfg.adapter_name), processor
@@ -313,7 +316,7 @@ def load_adapter(adapter: Path, params: config.Params, who: str = "evaluate", fu
     device, dtype = device_and_dtype()
     quantize = meta.get("method") == "qlora" and not full_precision
     base, processor = load(source, quantize=quantize, keep_vision_16bit=meta.get("keep_vision_16bit", True),
-                           dtype=dtype, device=device)
+                           dtype=dtype, device=device, attn_implementation=params.model.attn_implementation)
     if not quantize:
         base.to(device)
     try:

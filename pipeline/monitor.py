@@ -81,7 +81,7 @@ class FixedEncoder:
         from pipeline import model as modelmod
 
         source = modelmod.base_source(params)
-        self.model, self.processor = modelmod.load(source)
+        self.model, self.processor = modelmod.load(source, attn_implementation=params.model.attn_implementation)
         self.model.eval()
         self.batch_size, self.torch = batch_size, torch
         self.key = modelmod.weights_sha256(source)  # a re-trained base of the same shape is another encoder
