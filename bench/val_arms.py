@@ -6,7 +6,7 @@ For one domain and seed, the data, `curate` and `split` run once with the commit
 Every arm is evaluated on the **validation** split: its split folder's `test.jsonl` is the validation
 split, so `evaluate`'s figures are validation figures and the test split is never read. `committed` is the
 arm with no overrides. Saves bench/results/val_arms_<domain>.json: per arm, macro-F1, per-label F1,
-ignore rate, seconds.
+ignore rate, seconds and the command that ran it (arms of earlier runs on the same seed are kept).
 
     python bench/val_arms.py --domain parts --seed 0 --jobs 2 \\
         --arm tokens36=model.tokens_per_image=36 --arm patch4=model.tokens_per_image=36,model.vision.patch_size=4
@@ -87,10 +87,16 @@ def main() -> None:
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         results = list(pool.map(one, arms))
-    out = {"command": " ".join(["python", "bench/val_arms.py", *sys.argv[1:]]), "domain": args.domain, "seed": seed,
+    command = " ".join(["python", "bench/val_arms.py", *sys.argv[1:]])
+    for r in results:
+        r["command"] = command
+    dst = ROOT / "bench" / "results" / f"val_arms_{args.domain}.json"
+    earlier = json.loads(dst.read_text()) if dst.is_file() else {}
+    if earlier.get("seed") == seed:  # arms of earlier invocations on the same data stay, unless re-run
+        results = [r for r in earlier.get("arms", []) if r["arm"] not in arms] + results
+    out = {"domain": args.domain, "seed": seed,
            "split_read": "validation only (each arm's test.jsonl is the validation split)",
            "shared_seconds": seconds or json.loads((shared / "done").read_text()), "arms": results}
-    dst = ROOT / "bench" / "results" / f"val_arms_{args.domain}.json"
     dst.write_text(json.dumps(out, indent=1) + "\n")
     print(f"saved {dst}")
 
