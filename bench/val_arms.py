@@ -94,7 +94,9 @@ def main() -> None:
     earlier = json.loads(dst.read_text()) if dst.is_file() else {}
     if earlier.get("seed") == seed:  # arms of earlier invocations on the same data stay, unless re-run
         results = [r for r in earlier.get("arms", []) if r["arm"] not in arms] + results
-    out = {"domain": args.domain, "seed": seed,
+    commands = [c for c in earlier.get("commands", [earlier["command"]] if "command" in earlier else [])
+                if earlier.get("seed") == seed] + [command]
+    out = {"commands": commands, "domain": args.domain, "seed": seed,
            "split_read": "validation only (each arm's test.jsonl is the validation split)",
            "shared_seconds": seconds or json.loads((shared / "done").read_text()), "arms": results}
     dst.write_text(json.dumps(out, indent=1) + "\n")
