@@ -37,16 +37,8 @@ def merge(adapter: Path, params: config.Params, out: Path) -> dict:
 
 def registry_adapter(params: config.Params, version: str | None, alias: str | None, tmp: Path):
     """(local copy of the version's adapter, the version) for `--version` or `--alias`."""
-    from mlflow.exceptions import MlflowException
-
-    c, name = tracking.client(), params.mlflow.registered_model
-    try:
-        mv = c.get_model_version(name, str(version)) if version else tracking.alias_version(c, name, alias)
-    except MlflowException:
-        mv = None
-    if mv is None:
-        what = f"version {version}" if version else f"alias {alias!r}"
-        raise InputError(f"export: registered model {name!r} has no {what}")
+    c = tracking.client()
+    mv = tracking.find_version(c, params.mlflow.registered_model, version, alias, "export")
     return tracking.download_adapter(c, mv, tmp), mv
 
 

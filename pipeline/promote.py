@@ -244,12 +244,7 @@ def links(c, name: str, v: str, metrics: dict) -> dict:
 
 
 def _awaiting(c, name: str, version: str, who: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        mv = c.get_model_version(name, str(version))
-    except MlflowException:
-        raise InputError(f"promote {who}: registered model {name!r} has no version {version}") from None
+    mv = tracking.find_version(c, name, version, None, f"promote {who}")
     decision = mv.tags.get("decision", "")
     if not decision.startswith(AWAITING):
         raise InputError(f"promote {who}: version {version} is not awaiting approval (decision: {decision or 'none'!r})")
@@ -318,13 +313,7 @@ def lineage(params: config.Params, version: str | None = None, alias: str | None
     from mlflow.exceptions import MlflowException
 
     name, c = params.mlflow.registered_model, tracking.client()
-    alias = None if version else (alias or "champion")
-    try:
-        mv = c.get_model_version(name, str(version)) if version else tracking.alias_version(c, name, alias)
-    except MlflowException:
-        mv = None
-    if mv is None:
-        raise InputError(f"lineage: registered model {name!r} has no {f'version {version}' if version else f'alias {alias!r}'}")
+    mv = tracking.find_version(c, name, version, None if version else (alias or "champion"), "lineage")
     t = mv.tags
     dvc = {k[len("dvc."):]: v for k, v in sorted(t.items()) if k.startswith("dvc.")}
 

@@ -85,6 +85,20 @@ def alias_version(c, name: str, alias: str):
         return None
 
 
+def find_version(c, name: str, version: str | None, alias: str | None, who: str):
+    """The registry version given by `--version N` or `--alias NAME`; InputError (exit 2) naming what is missing."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = c.get_model_version(name, str(version)) if version else alias_version(c, name, alias)
+    except MlflowException:
+        mv = None
+    if mv is None:
+        what = f"version {version}" if version else f"alias {alias!r}"
+        raise InputError(f"{who}: registered model {name!r} has no {what}")
+    return mv
+
+
 def download_adapter(c, version, dst: Path) -> Path:
     """Download a registry version and return its adapter folder: a pyfunc model's `artifacts/adapter`
     (`pipeline.serve`), or the version's folder itself (versions registered as a bare adapter)."""
