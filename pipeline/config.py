@@ -266,22 +266,27 @@ class Promote:
 
 
 @dataclass(frozen=True)
-class DriftTest:
-    method: str = "model"
-    threshold: float = 0.55
-
-
-@dataclass(frozen=True)
 class Monitor:
     seed: int = 0
+    alpha: float = 0.01            # significance level of every drift test (permutation p-values, Holm-adjusted)
+    permutations: int = 1999       # permutation draws per test (the smallest p-value is 1 / (permutations + 1))
+    correction: Literal["holm", "bonferroni"] = "holm"  # across the five kinds of shift
     max_rows: int = 1000           # each side is subsampled (seeded) above this
     pca_components: int = 20       # embeddings are reduced with PCA (fit on the reference) above this
-    embedding: DriftTest = DriftTest("model", 0.62)   # Evidently EmbeddingsDrift: model | mmd | ratio | distance
-    alignment: DriftTest = DriftTest("ks", 0.01)  # Evidently ValueDrift stattest on the alignment score
-    min_captions: int = 20         # fewer captioned rows: no alignment-score test
+    embedding: Literal["mmd", "model"] = "mmd"  # image-embedding statistic: MMD^2 | domain-classifier ROC AUC
+    alignment: Literal["ks", "mean"] = "ks"     # statistic of the per-sample contrastive loss
+    condition_on: tuple[str, ...] = ("label", "subgroups")  # covariate / text / alignment tests within these strata
+    cluster_column: str = "patient_id"  # rows sharing a value are not independent: each test reads one per value
+    text_features: int = 2048      # caption features: TF-IDF of the most frequent words and word pairs
+    reference_captions: int = 256  # the fixed caption set each pair's InfoNCE loss is computed against
+    min_captions: int = 20         # fewer captioned rows: no text or alignment test
     max_unreadable: float = 0.5    # above this share of rows failing the image checks: "unreadable", not drift
     min_rows: int = 20             # fewer readable images: "too small", no verdict
     adapter: Literal["champion", "local"] = "champion"  # whose alignment score: the registry's champion or models/adapter
+    retrain_on: tuple[str, ...] = ("covariate", "alignment")  # kinds that call for a re-fine-tune; others: alert
+    max_f1_drop: Optional[float] = 0.05  # ... and only when the champion's F1 falls by more (null: drift alone)
+    harm_rows: int = 200           # rows of the batch (and of val) the champion answers to measure / estimate F1
+    bootstrap: int = 200           # bootstrap draws of the F1 interval
 
 
 @dataclass(frozen=True)

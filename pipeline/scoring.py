@@ -296,6 +296,10 @@ class Evaluator:
     # ---- generation
     def generate(self, records: list[dict], images: list | None = None) -> list[str]:
         """Greedy answers for `records`, with `images` in place of the records' own if given."""
+        return self.generate_scored(records, images)[0]
+
+    def generate_scored(self, records: list[dict], images: list | None = None) -> tuple[list[str], np.ndarray]:
+        """(greedy answers, each answer's mean token log-probability: the model's confidence in it)."""
         import torch
 
         from pipeline.collate import open_image
@@ -304,6 +308,7 @@ class Evaluator:
         tok = self.processor.tokenizer
         eos = [tok.convert_tokens_to_ids("<end_of_turn>"), tok.eos_token_id]
         out: list[str] = []
+        confidence: list[np.ndarray] = []
         for i in range(0, len(records), self.batch_size):
             chunk = records[i : i + self.batch_size]
             prompts = [self.processor.apply_chat_template([m for m in r["messages"] if m["role"] != "assistant"],
@@ -313,10 +318,14 @@ class Evaluator:
             enc = {k: v.to(self.device) for k, v in enc.items()}
             with torch.no_grad():
                 gen = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                          eos_token_id=eos, pad_token_id=tok.pad_token_id)
-            new = gen[:, enc["input_ids"].shape[1]:]
+                                          eos_token_id=eos, pad_token_id=tok.pad_token_id,
+                                          output_scores=True, return_dict_in_generate=True)
+                step_lp = self.model.compute_transition_scores(gen.sequences, gen.scores, normalize_logits=True)
+            new = gen.sequences[:, enc["input_ids"].shape[1]:]
+            keep = (new != tok.pad_token_id).float()  # tokens after the end of an answer are padding
+            confidence.append(((step_lp.float() * keep).sum(1) / keep.sum(1).clamp(min=1)).cpu().numpy())
             out += tok.batch_decode(new, skip_special_tokens=True)
-        return [o.strip() for o in out]
+        return [o.strip() for o in out], (np.concatenate(confidence) if confidence else np.zeros(0))
 
     def predict(self, records: list[dict], images: list | None = None) -> list[str | None]:
         return [chat.parse_label(a, self.label_pattern, self.labels) for a in self.generate(records, images)]
@@ -330,9 +339,10 @@ class Evaluator:
         for i in range(0, len(records), self.batch_size):
             yield to_device(collator(records[i : i + self.batch_size]), self.device)
 
-    def embed(self, records: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def embed(self, records: list[dict], likelihood: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(image embeddings, caption embeddings, answer mean log-likelihood) per record; the caption is
-        read as in training (frozen base LM unless the adapter was trained with text_grad)."""
+        read as in training (frozen base LM unless the adapter was trained with text_grad). Without
+        `likelihood` the multimodal forward pass is skipped and the third array is empty."""
         import torch
         import torch.nn.functional as F
 
@@ -351,6 +361,8 @@ class Evaluator:
                     ts.append(self.heads.embed_text(h.float(), b["caption_mask"]))
                 else:
                     ts.append(self.heads.embed_pooled(anchor(self.model, b)))
+                if not likelihood:
+                    continue
                 out = base.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                                  token_type_ids=b["token_type_ids"], mm_encoder_outputs={"image": image_out})
                 hidden, labels = out.last_hidden_state[:, :-1], b["labels"][:, 1:]
@@ -361,7 +373,7 @@ class Evaluator:
                 keep = labels != -100
                 lp = F.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
                 lls.append((lp * keep).sum(1) / keep.sum(1).clamp(min=1))
-        cat = lambda xs: torch.cat(xs).cpu().numpy().astype(np.float64)  # noqa: E731
+        cat = lambda xs: torch.cat(xs).cpu().numpy().astype(np.float64) if xs else np.zeros(0)  # noqa: E731
         return cat(vs), cat(ts), cat(lls)
 
 
