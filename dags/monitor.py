@@ -3,6 +3,7 @@ batch whose drift crosses the thresholds (docs/design.md §8). Wiring only: each
 
 find_batches -> check (one mapped task per batch) -> decide (branch) -> drifted -> trigger_finetune
                                                                      \\-> no_drift
+                                                   \\-> alerts (logs and records the batches with an alert)
 A batch counts as checked once `reports/drift/<batch>/drift.json` exists: `monitor` writes it (atomically)
 only after a successful check, so a failed or interrupted check is tried again the next night.
 """
@@ -31,7 +32,8 @@ def monitor():
         r = pipeline("monitor", "--batch", batch, ok=(0, 1))
         summary = last_json(r.stdout)
         return {"batch": batch, "retrain": r.returncode == 1, "status": summary.get("status"),
-                "reasons": summary.get("reasons", [])}
+                "reasons": summary.get("reasons", []), "drifted_kinds": summary.get("drifted_kinds", []),
+                "report": summary.get("report")}
 
     @task.branch(trigger_rule="all_done")
     def decide(results: list) -> str:
@@ -46,7 +48,18 @@ def monitor():
     def no_drift() -> str:
         return "no batch calls for retraining"
 
+    @task(trigger_rule="all_done")
+    def alerts(results: list) -> list[dict]:
+        """Drift that calls for no re-fine-tune (e.g. only the label mix changed, or the F1 held): logged,
+        and kept as this task's XCom beside each batch's drift.json."""
+        found = [{"batch": r["batch"], "kinds": r.get("drifted_kinds", []), "reasons": r["reasons"],
+                  "report": r.get("report")} for r in results if r and r.get("status") == "alert"]
+        for a in found:
+            print(f"ALERT {a['batch']}: {', '.join(a['kinds'])} -- " + " | ".join(a["reasons"]))
+        return found
+
     results = check.expand(batch=find_batches())
+    alerts(results)
     confs = drifted(results)
     decide(results) >> [confs, no_drift()]
     TriggerDagRunOperator.partial(task_id="trigger_finetune", trigger_dag_id="finetune",

@@ -36,7 +36,7 @@ print(json.dumps({{"errors": {{k: str(v) for k, v in bag.import_errors.items()}}
     assert out["errors"] == {} and out["ids"] == ["finetune", "monitor"]
     assert out["m_schedule"] == "@daily" and out["m_catchup"] is False and out["m_runs"] == 1
     assert out["f_runs"] == 1 and out["f_schedule"] in ("None", "")
-    assert {"find_batches", "check", "decide", "drifted", "no_drift", "trigger_finetune"} <= set(out["m_tasks"])
+    assert {"find_batches", "check", "decide", "drifted", "no_drift", "trigger_finetune", "alerts"} <= set(out["m_tasks"])
     assert out["f_tasks"] == ["apply_approval", "approval", "ingest", "needs_approval", "promote", "publish",
                               "record_rejection", "repro"]
     assert out["pools"]["ingest"] == out["pools"]["repro"] == out["pools"]["publish"] == "dvc"  # never at once
