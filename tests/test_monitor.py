@@ -16,17 +16,22 @@ from pipeline.errors import DriftFound, InputError
 from conftest import ALL_FAULTS, make_dataset, small_eval, tiny, trained_project
 
 
+def _reference_project(p, root: Path, base_dir: Path, train: list[dict], val: list[dict]):
+    """`p`'s split (the monitor's reference) written from `train` and `val`, the session's base linked in."""
+    sp = Path(p.paths.split)
+    sp.mkdir(parents=True)
+    dataio.write_jsonl(sp / "train.jsonl", train)
+    dataio.write_jsonl(sp / "val.jsonl", val)
+    (root / "models").mkdir()
+    os.symlink(base_dir, root / "models" / "base")
+    return p
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, params, base_dir, records):
     """A project whose split (the reference) is the 40-lesion clean set, sharing the session's base."""
     root = tmp_path_factory.mktemp("monitor")
-    p = small_eval(tiny(params, root))
-    sp = Path(p.paths.split)
-    sp.mkdir(parents=True)
-    dataio.write_jsonl(sp / "train.jsonl", records[:32])
-    dataio.write_jsonl(sp / "val.jsonl", records[32:])
-    (root / "models").mkdir()
-    os.symlink(base_dir, root / "models" / "base")
+    p = _reference_project(small_eval(tiny(params, root)), root, base_dir, records[:32], records[32:])
     # 32 + 8 reference rows: no strata here (a label x skin-type cell would hold a row or two)
     m = dataclasses.replace(p.monitor, min_rows=10, min_captions=5, adapter="local", condition_on=())
     return dataclasses.replace(p, monitor=m), root
@@ -197,26 +202,23 @@ def colour_champion(tmp_path_factory, params, base_dir):
             for r in rows]
     p = small_eval(tiny(dataclasses.replace(params, data=data), root, max_steps=400, epochs=400,
                         lr=config.Lr(vision=0.003, text=0.003)))
-    sp = Path(p.paths.split)
-    sp.mkdir(parents=True)
-    dataio.write_jsonl(sp / "train.jsonl", recs[:36])
-    dataio.write_jsonl(sp / "val.jsonl", recs[36:])
-    (root / "models").mkdir()
-    os.symlink(base_dir, root / "models" / "base")
-    train.run(p, recs[:36], recs[36:])
+    train.run(_reference_project(p, root, base_dir, recs[:36], recs[36:]), recs[:36], recs[36:])
     m = dataclasses.replace(p.monitor, adapter="local", condition_on=("label",), harm_rows=60)
     return dataclasses.replace(p, monitor=m), root
 
 
 def test_a_label_mix_change_alone_raises_an_alert_and_no_re_fine_tune(colour_champion, tmp_path):
     p, _ = colour_champion
-    batch = _write_batch(tmp_path / "mix", _colour_rows(tmp_path / "mix", 1000, {"red": 8, "green": 1, "blue": 1},
-                                                                   seed=7))
+    rows = _colour_rows(tmp_path / "mix", 1000, {"red": 8, "green": 1, "blue": 1}, seed=7)
+    for r in rows[:5]:
+        r["label"] = "purple"  # not one of data.labels: counted, named, left out of the label-mix test
+    batch = _write_batch(tmp_path / "mix", rows)
     s = monitor.main(p, str(batch))  # no DriftFound: exit 0, the DAG triggers nothing
     d = json.loads((Path(p.paths.reports) / "drift" / "mix" / "drift.json").read_text())
     assert s["status"] == "alert" and s["retrain"] is False and d["drifted_kinds"] == ["prevalence"], d["reasons"]
     assert d["kinds"]["prevalence"]["source"] == "labels" and d["kinds"]["prevalence"]["current_mix"]["red"] > 0.7
     assert not d["kinds"]["covariate"]["drifted"] and d["kinds"]["covariate"]["conditioned_on"] == ["label"]
+    assert d["kinds"]["prevalence"]["unknown_labels"] == {"purple": 5}
     assert "alert only" in d["reasons"][-1]
     # without the label strata the same batch reads as a change of the images: the strata are what name it
     flat = dataclasses.replace(p, monitor=dataclasses.replace(p.monitor, condition_on=()),
@@ -248,3 +250,18 @@ def test_a_camera_that_lowers_the_champions_f1_calls_for_a_re_fine_tune(colour_c
     u = json.loads((Path(p.paths.reports) / "drift" / "cast_unlabelled" / "drift.json").read_text())
     assert u["harm"]["measured"] is False and "Thresholded Confidence" in u["harm"]["method"]
     assert u["kinds"]["prevalence"]["source"] == "predicted by the champion"
+
+
+def test_a_reference_too_small_or_too_few_permutations_stop_before_anything_is_written(colour_champion, tmp_path):
+    p, _ = colour_champion
+    batch = _write_batch(tmp_path / "b", _colour_rows(tmp_path / "b", 30, {k: 1 for k in COLOURS}, seed=9))
+    few = dataclasses.replace(p.monitor, permutations=99)
+    with pytest.raises(InputError, match=r"monitor.permutations = 99: .* use at least 1000 permutations"):
+        monitor.main(dataclasses.replace(p, monitor=few), str(batch))
+    small = tmp_path / "split"
+    small.mkdir()
+    dataio.write_jsonl(small / "train.jsonl", dataio.read_jsonl(Path(p.paths.split) / "train.jsonl")[:4])
+    tiny_ref = dataclasses.replace(p, paths=dataclasses.replace(p.paths, split=str(small), reports=str(tmp_path / "r")))
+    with pytest.raises(InputError, match=r"the reference holds 4 rows .* need at least 20"):
+        monitor.main(tiny_ref, str(batch))
+    assert not (tmp_path / "r" / "drift" / "b").exists() and not (Path(p.paths.reports) / "drift" / "b").exists()
