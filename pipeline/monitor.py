@@ -466,11 +466,7 @@ def harm(champion: Champion | None, ref_records: list[dict], cur_records: list[d
     rows = sorted(rng.choice(len(cur_records), min(len(cur_records), m.harm_rows), replace=False).tolist())
     vp, vc = champion.answer([ref_records[i] for i in val], params)
     bp, bc = champion.answer([cur_records[i] for i in rows], params)
-    ref.predicted = [None] * len(ref.labels)
-    for i, p in zip(val, vp):
-        ref.predicted[i] = p
-    ref.predicted = [p for p in ref.predicted if p is not None] or None
-    cur.predicted = list(bp)
+    ref.predicted, cur.predicted = list(vp), list(bp)  # the two mixes the prevalence test compares without labels
     y_val = [ref_records[i]["label"] for i in val]
     f1_val = f1_macro(y_val, vp, labels)
     out = {"reference_f1": f1_val, "reference_rows": len(val), "rows": len(rows)}
@@ -594,7 +590,7 @@ def _histogram_svg(null: list[float], observed: float, width: int = 320, height:
 
 
 # ------------------------------------------------------------------------------------------- main
-def check_params(params: config.Params, split: Path) -> None:
+def check_params(params: config.Params) -> None:
     """Params that cannot work here fail before anything is computed (exit 2, naming the key)."""
     m = params.monitor
     bad = [k for k in m.retrain_on if k not in KINDS]
@@ -616,7 +612,7 @@ def check(batch: Path, params: config.Params) -> tuple[dict, object]:
     """The whole check of one batch -> the drift.json content (and the snapshot, if one was made)."""
     m = params.monitor
     split = Path(params.paths.split)
-    check_params(params, split)
+    check_params(params)
     readable, failed, counts = read_batch(batch, params)
     result = {"batch": batch.name, "path": str(batch), "counts": counts, "failed_rows": failed[:100],
               "alpha": m.alpha, "correction": m.correction, "kinds": {}, "drifted_kinds": [], "harm": {},
