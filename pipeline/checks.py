@@ -35,6 +35,7 @@ class Row:
     path: Path | None = None
     sha256: str = ""
     phash: np.ndarray | None = None  # (4,) uint64: 256-bit perceptual hash
+    features: np.ndarray | None = None  # the mismatch detector's frozen image features (`model: features`)
     quality: dict = field(default_factory=dict)
 
 
@@ -109,7 +110,8 @@ def resolve_inside(root: Path, rel: str) -> Path | None:
 
 
 def check_image(row: Row, root: Path, cfg: Curate) -> None:
-    """File checks, then the header (pixel limit), then a full decode; sets sha256 and phash."""
+    """File checks, then the header (pixel limit), then a full decode; sets sha256, phash and (for the
+    `features` mismatch detector) the image's features, from the one decode."""
     rel = row.raw.get("image", "").strip()
     if not rel:
         return
@@ -153,12 +155,91 @@ def _decode(row: Row, path: Path, cfg: Curate) -> str | None:
             with warnings.catch_warnings():
                 warnings.simplefilter("error")  # PIL warns instead of failing on some broken files
                 img.load()
-            row.phash = phash(img.convert("RGB"))
+            rgb = img.convert("RGB")
+            row.phash = phash(rgb)
+            if wants_features(cfg):
+                row.features = mismatch.image_features(rgb, cfg.mismatch.feature_size)
     except UnidentifiedImageError:
         return "not_an_image"
     except (OSError, SyntaxError, ValueError, Warning, Image.DecompressionBombError):
         return "unreadable_image"
     return None
+
+
+def wants_features(cfg: Curate) -> bool:
+    m = cfg.mismatch
+    return m.enabled and m.model == "features" and not m.pretrained
+
+
+# ------------------------------------------------------------------------------ image checks in workers
+CHUNK = 64  # rows a task
+CRASHED = "unreadable_image"  # the reason of a row whose image took its worker process down
+_WORKER: dict = {}
+
+
+def _init_worker(cfg: Curate) -> None:
+    _WORKER["cfg"] = cfg
+    try:
+        from threadpoolctl import threadpool_limits
+
+        _WORKER["limits"] = threadpool_limits(1)  # the processes are the parallelism
+    except ImportError:  # pragma: no cover - sklearn brings threadpoolctl
+        pass
+
+
+def _check_chunk(jobs: list[tuple[int, str, str]]) -> list[tuple[int, tuple]]:
+    out = []
+    for index, root, rel in jobs:
+        row = Row(index=index, raw={"image": rel})
+        check_image(row, Path(root), _WORKER["cfg"])
+        out.append((index, (row.reasons, row.path, row.sha256, row.phash, row.features)))
+    return out
+
+
+def check_images(rows: list[Row], roots: list[Path], cfg: Curate) -> None:
+    """`check_image` on every row, in `cfg.workers` processes (0: all cores), 64 rows a task, at most one
+    task a worker in flight (memory: a worker's images are never held beyond their own check). A worker
+    that dies (a decoder crash) costs only the row that killed it: the tasks in flight are re-run one at a
+    time and split in halves until the row is found, which is quarantined as `unreadable_image`."""
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    jobs = [(i, str(root), row.raw.get("image", "").strip()) for i, (row, root) in enumerate(zip(rows, roots))]
+    results: dict[int, tuple] = {}
+    todo = deque(jobs[a : a + CHUNK] for a in range(0, len(jobs), CHUNK))
+    suspects: deque = deque()  # tasks that were in flight when a worker died: re-run alone, halved on failure
+    workers = max(1, cfg.workers or os.cpu_count() or 1)
+    ctx = multiprocessing.get_context("fork")  # the workers inherit the loaded modules: no re-import
+    while todo or suspects:
+        alone = not todo
+        queue, width = (suspects, 1) if alone else (todo, min(workers, len(todo)))
+        with ProcessPoolExecutor(width, mp_context=ctx, initializer=_init_worker, initargs=(cfg,)) as ex:
+            running: dict = {}
+            broken = False
+            while (queue or running) and not broken:
+                while queue and len(running) < width:
+                    task = queue.popleft()
+                    running[ex.submit(_check_chunk, task)] = task
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    task = running.pop(fut)
+                    try:
+                        results.update(fut.result())
+                    except BrokenProcessPool:
+                        broken = True
+                        if not alone:
+                            suspects.append(task)
+                        elif len(task) == 1:
+                            results[task[0][0]] = ([CRASHED], None, "", None, None)
+                        else:
+                            suspects.extendleft([task[len(task) // 2 :], task[: len(task) // 2]])
+            suspects.extend(running.values())  # in flight when the pool broke: suspects too
+    for i, row in enumerate(rows):
+        reasons, path, sha, ph, feats = results[i]
+        row.reasons += reasons
+        row.path, row.sha256, row.phash, row.features = path, sha, ph, feats
 
 
 def phash(img: Image.Image) -> np.ndarray:
@@ -255,23 +336,24 @@ def mark_mismatches(rows: list[Row], cfg: Curate) -> dict:
     sources: dict[str, list[Row]] = {}
     for r in clean:
         sources.setdefault(r.raw.get(ROOT_KEY, ""), []).append(r)
-    report = {"scored": 0, "flagged": 0, "score": cfg.mismatch.score, "sources": {}}
+    report = {"scored": 0, "flagged": 0, "score": cfg.mismatch.score, "model": cfg.mismatch.model,
+              "rule": "top_fraction" if cfg.mismatch.top_fraction is not None else cfg.mismatch.rule, "sources": {}}
     for name, group in sources.items():
         key = Path(name).name if name else "raw"
         if len(group) < 2 * cfg.mismatch.folds:
             report["sources"][key] = {"scored": 0, "flagged": 0, "skipped": "too few rows"}
             continue
-        scores = mismatch.cached_scores([str(r.path) for r in group], [r.raw["caption"] for r in group], cfg.mismatch)
-        flag = scores.mismatch_score > cfg.mismatch.threshold
-        if cfg.mismatch.top_fraction is not None:
-            k = int(round(cfg.mismatch.top_fraction * len(group)))
-            flag = np.zeros(len(group), bool)
-            flag[np.argsort(-scores.mismatch_score, kind="stable")[:k]] = True
+        feats = np.stack([r.features for r in group]) if wants_features(cfg) else None
+        scores = mismatch.cached_scores([str(r.path) for r in group], [r.raw["caption"] for r in group], cfg.mismatch,
+                                        digests=[r.sha256 for r in group], features=feats)
+        flag = scores.flags(cfg.mismatch)
         for i, r in enumerate(group):
             r.quality.update(
                 clip_cosine=round(float(scores.cosine[i]), 6), clip_csls=round(float(scores.csls[i]), 6),
                 mismatch_score=round(float(scores.mismatch_score[i]), 6), mismatch_fold=int(scores.fold[i]),
             )
+            if scores.preferred is not None:
+                r.quality["mismatch_preferred"] = round(float(scores.preferred[i]), 6)
             if flag[i]:
                 r.reasons.append("likely_mismatch")
         report["sources"][key] = {"scored": len(group), "flagged": int(flag.sum())}
@@ -389,7 +471,7 @@ def curate_rows(raw_rows: list[dict[str, str]], root: Path, cfg: Curate, data: D
         seen.add(key)
         check_label(row, data.labels)
         check_caption(row, cfg, data)
-        check_image(row, Path(row.raw[ROOT_KEY]) if ROOT_KEY in row.raw else root, cfg)
+    check_images(rows, [Path(r.raw[ROOT_KEY]) if ROOT_KEY in r.raw else root for r in rows], cfg)
     mark_duplicates(rows, cfg.near_duplicate_bits)
     mism = mark_mismatches(rows, cfg)
     accepted = [sample_record(r, os.path.join(r.raw.get(ROOT_KEY, image_prefix), r.raw["image"].strip()), data)

@@ -76,9 +76,24 @@ class Mismatch:
     """The secondary image-text model that scores every pair (open_clip)."""
 
     enabled: bool = True
-    model: str = "builtin"
+    model: str = "features"       # features | builtin | an open_clip name (zero-shot)
     pretrained: Optional[str] = None
     folds: int = 5
+    # model: features -- frozen generic image features + caption TF-IDF, cross-fitted light heads
+    feature_size: int = 64        # side the image is resized to for its features
+    text_features: int = 4096     # TF-IDF vocabulary cap (words and word pairs)
+    head_hidden: int = 256
+    head_epochs: int = 15
+    head_max_steps: int = 1500    # per fold and pass: bounds the cost at 10^5+ pairs
+    head_batch_size: int = 256
+    head_lr: float = 2e-3
+    refit: bool = True            # a second pass whose heads do not train on the first pass's flags
+    # the decision: flag a pair when the held-out model prefers more than `max_preferred` of the other
+    # held-out captions (and images) over the given one by at least `margin` logits
+    rule: Literal["preferred", "zscore"] = "preferred"
+    margin: float = 2.0
+    max_preferred: float = 0.2
+    # model: builtin -- a small CLIP trained from scratch per fold (slow; kept for comparison)
     epochs: int = 20
     batch_size: int = 32
     lr: float = 2e-3
@@ -104,6 +119,7 @@ class Curate:
     vague_phrases: tuple[str, ...] = ()
     visual_terms: tuple[str, ...] = ()
     near_duplicate_bits: int = 26
+    workers: int = 0              # processes for the image checks and features (0: all cores)
     mismatch: Mismatch = Mismatch()
 
 

@@ -24,6 +24,7 @@ Exit status: 0 no retraining called for (`ok` or `alert`), 1 retraining called f
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -50,11 +51,12 @@ def read_batch(batch: Path, params: config.Params) -> tuple[list[dict], list[dic
     except FileNotFoundError as e:  # the folder vanished while it was read
         raise InputError(f"monitor: batch {batch} disappeared while it was read ({e})") from None
     readable, failed = [], []
+    no_detector = dataclasses.replace(params.curate, mismatch=dataclasses.replace(params.curate.mismatch, enabled=False))
     for i, raw in enumerate(rows):
         row = checks.Row(index=i, raw=raw)
         checks.check_fields(row, has_label=False)
         try:
-            checks.check_image(row, batch, params.curate)
+            checks.check_image(row, batch, no_detector)  # the image checks alone: no detector features
         except FileNotFoundError:
             row.reasons.append("missing_image")
         image_reasons = [r for r in row.reasons if r.split(":")[0] in IMAGE_REASONS or r.startswith("missing_field")]
