@@ -30,6 +30,7 @@ pairs, and on data without mismatches flags almost nothing, whereas a z-score cu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -147,19 +148,34 @@ def _encode_tta(model, x: torch.Tensor) -> torch.Tensor:
     return F.normalize(torch.stack([model.encode_image(v, normalize=True) for v in views]).mean(0), dim=-1)
 
 
-def csls(img: torch.Tensor, txt: torch.Tensor, k: int, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """Matched-pair cosine and CSLS = 2cos - r_img - r_txt, over the given set; (N,), (N,)."""
+def pair_statistics(img: torch.Tensor, txt: torch.Tensor, k: int, scale: float, margin: float,
+                    block: int = 2048) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One blockwise pass over the (N, N) similarities (memory O(block * N)): each pair's cosine, its CSLS
+    = 2cos - r_img - r_txt (r: mean cosine of the k nearest of the other modality), and its preferred share:
+    the mean of the share of the other captions that image i prefers over its own by more than `margin`
+    logits (cosine x `scale`) and the share of the other images that caption i prefers over its image."""
     n = len(img)
     k = max(1, min(k, n - 1))
-    r_img = torch.zeros(n)
+    cos = (img * txt).sum(1)
+    diag = scale * cos
+    r_img, by_img, by_txt = torch.zeros(n), torch.zeros(n), torch.zeros(n)
     top_txt = torch.full((k, n), -float("inf"))  # running top-k over image blocks, per caption
     for a in range(0, n, block):
-        sim = img[a : a + block] @ txt.T  # (B, N)
+        sim = img[a : a + block] @ txt.T  # (B, N): images a.. against every caption
         r_img[a : a + block] = sim.topk(k, dim=1).values.mean(1)  # image i's k nearest captions
         top_txt = torch.cat([top_txt, sim]).topk(k, dim=0).values
+        lg = scale * sim
+        by_img[a : a + block] = (lg > diag[a : a + block, None] + margin).sum(1).float()
+        by_txt += (lg > diag[None, :] + margin).sum(0).float()  # caption j: images a.. preferred over its own
     r_txt = top_txt.mean(0)  # caption i's k nearest images
-    cos = (img * txt).sum(1)
-    return cos.numpy(), (2 * cos - r_img - r_txt).numpy()
+    pref = (by_img + by_txt) / (2 * max(n - 1, 1))
+    return cos.numpy(), (2 * cos - r_img - r_txt).numpy(), pref.numpy()
+
+
+def csls(img: torch.Tensor, txt: torch.Tensor, k: int, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Matched-pair cosine and CSLS over the given set; (N,), (N,) (`pair_statistics`)."""
+    cos, cs, _ = pair_statistics(img, txt, k, 1.0, 0.0, block)
+    return cos, cs
 
 
 def robust_z(x: np.ndarray) -> np.ndarray:
@@ -181,16 +197,14 @@ def score_pairs(paths: list[str], captions: list[str], cfg: Mismatch, features: 
     `model: features` uses the images' `image_features` (computed here from `paths` when not given)."""
     n = len(paths)
     cos, cs, fold = np.zeros(n), np.zeros(n), np.full(n, -1)
-    pref = None
     if cfg.model == "features" and not cfg.pretrained:
         if features is None:
-            features = np.stack([image_features(Image.open(p), cfg.feature_size) for p in paths])
+            features = np.stack([_features_of(p, cfg.feature_size) for p in paths])
         return score_features(features, captions, cfg)
     if cfg.pretrained:
         model, size = load_pretrained(cfg)
         img, txt = embed(model, load_images(paths, size), _tokenizer(cfg)(captions))
-        cos, cs = csls(img, txt, cfg.csls_k)
-        pref = preferred_share(img, txt, float(model.logit_scale.exp()), cfg.margin)
+        cos, cs, pref = pair_statistics(img, txt, cfg.csls_k, float(model.logit_scale.detach().exp()), cfg.margin)
     else:
         _check_size(n, cfg)
         images, tokens = load_images(paths, cfg.image_size), tokenize(captions)
@@ -201,8 +215,8 @@ def score_pairs(paths: list[str], captions: list[str], cfg: Mismatch, features: 
             seen = np.flatnonzero(fold != f)
             model = train_clip(images[seen], tokens[seen], cfg, seed=cfg.seed * 1000 + f)
             img, txt = embed(model, images[held], tokens[held])
-            cos[held], cs[held] = csls(img, txt, cfg.csls_k)
-            pref[held] = preferred_share(img, txt, float(model.logit_scale.exp()), cfg.margin)
+            cos[held], cs[held], pref[held] = pair_statistics(img, txt, cfg.csls_k, float(model.logit_scale.detach().exp()),
+                                                              cfg.margin)
     raw = -cs if cfg.score == "csls" else 1 - cos
     return PairScores(cosine=cos, csls=cs, mismatch_score=robust_z(raw), fold=fold, preferred=pref)
 
@@ -213,18 +227,21 @@ def _check_size(n: int, cfg: Mismatch) -> None:
 
 
 # ------------------------------------------------------------------------------ model: features
-_FILTERS: dict[int, np.ndarray] = {}
 COLOUR_BINS = 6  # per channel: 6^3 = 216-bin colour histograms
 N_FILTERS = 96
 
 
+@functools.cache
 def _filters() -> np.ndarray:
     """(75, N_FILTERS) fixed random 5x5x3 filters, zero-mean, unit norm (seeded: the same in every process)."""
-    if not _FILTERS:
-        w = np.random.default_rng(20240601).normal(size=(75, N_FILTERS)).astype(np.float32)
-        w -= w.mean(0)
-        _FILTERS[0] = w / np.linalg.norm(w, axis=0)
-    return _FILTERS[0]
+    w = np.random.default_rng(20240601).normal(size=(75, N_FILTERS)).astype(np.float32)
+    w -= w.mean(0)
+    return w / np.linalg.norm(w, axis=0)
+
+
+def _features_of(path: str, size: int) -> np.ndarray:
+    with Image.open(path) as img:
+        return image_features(img, size)
 
 
 def image_features(img: Image.Image, size: int = 64) -> np.ndarray:
@@ -325,8 +342,7 @@ def score_features(x: np.ndarray, captions: list[str], cfg: Mismatch) -> PairSco
             with torch.no_grad():
                 parts = [heads(torch.from_numpy(x[b]), _dense(t, b)) for b in np.array_split(held, -(-len(held) // 4096))]
             img, txt = torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
-            cos[held], cs[held] = csls(img, txt, cfg.csls_k)
-            pref[held] = preferred_share(img, txt, heads.scale(), cfg.margin)
+            cos[held], cs[held], pref[held] = pair_statistics(img, txt, cfg.csls_k, heads.scale(), cfg.margin)
         raw = -cs if cfg.score == "csls" else 1 - cos
         scores = PairScores(cosine=cos, csls=cs, mismatch_score=robust_z(raw), fold=fold, preferred=pref)
         train_on = ~scores.flags(cfg)
@@ -334,19 +350,8 @@ def score_features(x: np.ndarray, captions: list[str], cfg: Mismatch) -> PairSco
 
 
 def preferred_share(img: torch.Tensor, txt: torch.Tensor, scale: float, margin: float, block: int = 2048) -> np.ndarray:
-    """(N,) for each pair: the mean of the share of the other captions that image i prefers over its own
-    by more than `margin` logits and the share of the other images that caption i prefers over its own
-    image by as much (blockwise: memory O(block * N))."""
-    n = len(img)
-    if n < 2:
-        return np.zeros(n)
-    diag = scale * (img * txt).sum(1)  # (N,)
-    by_img, by_txt = torch.zeros(n), torch.zeros(n)
-    for a in range(0, n, block):
-        lg = scale * img[a : a + block] @ txt.T  # (B, N): images a.. against every caption
-        by_img[a : a + block] = (lg > diag[a : a + block, None] + margin).sum(1).float()
-        by_txt += (lg > diag[None, :] + margin).sum(0).float()  # caption j: images a.. preferred over its own
-    return ((by_img + by_txt) / (2 * (n - 1))).numpy()
+    """(N,) each pair's preferred share (`pair_statistics`)."""
+    return pair_statistics(img, txt, 1, scale, margin, block)[2]
 
 
 def cached_scores(paths: list[str], captions: list[str], cfg: Mismatch, digests: list[str] | None = None,
