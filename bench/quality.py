@@ -29,8 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOMAINS = {
-    "lesions": {"params": ROOT / "params.yaml", "split": "data/split", "reports": "reports"},
-    "parts": {"params": ROOT / "examples/parts/params.yaml", "split": "work/parts/split", "reports": "work/parts/reports"},
+    "lesions": {"params": ROOT / "params.yaml", "split": "data/split", "curated": "data/curated", "reports": "reports"},
+    "parts": {"params": ROOT / "examples/parts/params.yaml", "split": "work/parts/split", "curated": "work/parts/curated", "reports": "work/parts/reports"},
 }
 STAGES = ("curate", "split", "base", "train", "evaluate")
 
@@ -67,6 +67,7 @@ def one(domain: str, seed: int, work_root: Path, threads: int, resume: bool = Fa
         if r.returncode not in (0, 1) or (r.returncode == 1 and stage != "evaluate"):
             raise RuntimeError(f"{domain} seed {seed}: {stage} exited {r.returncode}: {r.stderr[-2000:]}")
     m = json.loads((work / d["reports"] / "metrics.json").read_text())
+    cur = json.loads((work / d["curated"] / "report.json").read_text())
     b = m.get("bias", {})
     positive = next((k for k in b if k.startswith("max_gap_recall_") and not k.endswith(("_ci", "_groups"))), None)
     out = {"domain": domain, "seed": seed,
@@ -79,7 +80,9 @@ def one(domain: str, seed: int, work_root: Path, threads: int, resume: bool = Fa
            "recall_gap_upper": (b.get("max_gap_recall_ci") or [None, None])[1],
            "gates_passed": all(g["passed"] for g in m["gates"].values()),
            "failed_gates": [k for k, g in m["gates"].items() if not g["passed"]],
-           "n_test": m["n"], "n_val": m["sets"]["val"]["n"], "seconds": seconds}
+           "n_test": m["n"], "n_val": m["sets"]["val"]["n"], "seconds": seconds,
+           "curate": {"accepted": cur.get("accepted"), "quarantined": cur.get("quarantined"), "reasons": cur.get("reasons"),
+                      "mismatch": {k: cur.get("mismatch", {}).get(k) for k in ("model", "rule", "flagged")}}}
     (work / "result.json").write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out), flush=True)
     return out
@@ -108,12 +111,21 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / "bench" / "work" / "quality"))
     ap.add_argument("--out", default="quality.json")
     ap.add_argument("--resume", action="store_true", help="reuse the runs that finished in --work (result.json)")
+    ap.add_argument("--keep-other-domains", action="store_true",
+                    help="keep the saved runs of the domains not in --domains (marked kept_from) in --out")
     a = ap.parse_args()
     jobs = [(d, int(s)) for d in a.domains.split(",") for s in a.seeds.split(",")]
     threads = max(1, (os.cpu_count() or 2) // a.jobs)
     start = time.perf_counter()
     with ThreadPoolExecutor(a.jobs) as pool:
         runs = list(pool.map(lambda j: one(j[0], j[1], Path(a.work), threads, a.resume), jobs))
+    path = ROOT / "bench" / "results" / a.out
+    kept = []
+    if a.keep_other_domains and path.is_file():
+        old = json.loads(path.read_text())
+        kept = [{**r, "kept_from": r.get("kept_from", old["command"])} for r in old["runs"]
+                if r["domain"] not in a.domains.split(",")]
+    runs = kept + runs
     summary = summarise(runs)
     for domain, row in summary.items():
         print(domain, json.dumps({k: (f"{v['mean']:.3f} ± {v['sd']:.3f}" if isinstance(v, dict) else v)
@@ -121,7 +133,6 @@ def main() -> None:
     result = {"command": "python bench/quality.py " + " ".join(sys.argv[1:]), "machine": platform.platform(),
               "cpus": os.cpu_count(), "minutes": round((time.perf_counter() - start) / 60, 1),
               "summary": summary, "runs": runs}
-    path = ROOT / "bench" / "results" / a.out
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"saved {path}")
 

@@ -42,7 +42,12 @@ COMMANDS: dict[str, Command] = {
                       *(((f"--{f.replace('_', '-')}",), {"dest": f, "default": None}) for f in SYNTH_FLAGS))),
     "curate": Command("accept or quarantine every row"),
     "split": Command("patient-grouped, stratified train/val/test split"),
-    "base": Command("build and pre-train the built-in tiny Gemma 3"),
+    "base": Command("build and pre-train the built-in tiny Gemma 3; --shape: write a stand-in of a real size",
+                    ((("--shape",), {"default": None, "help": "gemma-3-4b (or gemma-3-tiny): a randomly initialised "
+                                     "model of that published config, saved as a hub-format folder"}),
+                     (("--out",), {"default": None, "help": "with --shape: the folder to write (default: "
+                                   "paths.models/standin-SHAPE)"})),
+                    lambda p, a: _stage("base").main(p, a.shape, a.out)),
     "train": Command("PEFT fine-tune with the three-part alignment loss (torchrun when train.distributed asks)",
                      call=lambda p, a: _stage("train").main(p, ["--params", a.params, *[f"--set={o}" for o in a.overrides]])),
     "evaluate": Command("F1, image reliance, mismatch robustness, bias, gates"),

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from pipeline import chat, config, data as dataio, model as modelmod
+from pipeline import chat, config, data as dataio, model as modelmod, standin
 from pipeline.collate import Collator
+from pipeline.errors import InputError
 from pipeline.model import answer_ce, to_device
 from pipeline.optim import schedule
 
@@ -263,8 +264,13 @@ def pretrain(model, processor, samples: list[dict], cfg: config.Base,
     return history
 
 
-def main(params: config.Params) -> dict:
-    """Build, pre-train and save the built-in base to `paths.models/base` (atomically)."""
+def main(params: config.Params, shape: str | None = None, out: str | None = None) -> dict:
+    """Build, pre-train and save the built-in base to `paths.models/base` (atomically); with `shape`,
+    write a randomly initialised stand-in of that real size to `out` instead (`pipeline.standin`)."""
+    if shape is not None:
+        return write_standin(params, shape, Path(out) if out else Path(params.paths.models) / f"standin-{shape}")
+    if out is not None:
+        raise InputError("base: --out goes with --shape (the built-in base is written to paths.models/base)")
     if params.model.base != modelmod.BUILTIN:
         return {"skipped": f"model.base is {params.model.base!r}: loaded as is by train"}
     torch.manual_seed(params.base.seed)
@@ -287,3 +293,14 @@ def main(params: config.Params) -> dict:
         summary["domain_captions"] = len(domain)
         dataio.write_json(out / "pretrain.json", summary)
     return summary
+
+
+def write_standin(params: config.Params, shape: str, out: Path) -> dict:
+    """A stand-in checkpoint of `shape` at `out` (atomically). Its tokenizer learns its pieces from the
+    base's corpus (generic captions, the training split's captions when a split exists, the prompts)."""
+    standin.shape_of(shape)  # an unknown shape fails before any work
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"base --out: {out} exists and is not empty; give a new folder")
+    with dataio.atomic_dir(out) as tmp:
+        summary = standin.write(shape, tmp, corpus(params, domain_captions(params)), seed=params.base.seed)
+    return {**summary, "out": str(out)}

@@ -186,6 +186,7 @@ class Peft:
     target_modules: tuple[str, ...] = ("all-linear",)
     adapt_vision: bool = True
     keep_vision_16bit: bool = True
+    frozen_fp32: bool = True       # qlora: frozen 16-bit weights cast to fp32 (PEFT's default); false keeps them 16-bit
     adapter_name: str = "default"
 
 
@@ -225,7 +226,9 @@ class Train:
     grad_accum: int = 1
     warmup_steps: int = 10
     max_grad_norm: float = 1.0
-    grad_checkpointing: bool = False
+    grad_checkpointing: Literal[False, True, "vision", "text"] = False  # true: both towers
+    ce_chunk: int = 0              # > 0: fused linear cross-entropy over this many answer tokens at a time
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw"  # 8-bit: moments in 8 bits
     checkpoint_every: int = 20
     max_length: int = 256
     lr: Lr = Lr()

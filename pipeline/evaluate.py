@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline import config, data as dataio, scoring, tracking
+from pipeline import config, data as dataio, model as modelmod, scoring, tracking
 from pipeline.errors import InputError
 
 
@@ -115,6 +115,7 @@ def main(params: config.Params) -> dict:
     tm = json.loads(train_metrics.read_text()) if train_metrics.is_file() else {}
     metrics["adapter_sha256"] = dataio.dir_sha256(adapter)
     metrics["train_run_id"] = tm.get("mlflow_run_id")
+    metrics.update(modelmod.peak_memory())
     with dataio.atomic_dir(reports / "eval") as out:
         for name, rows in predictions.items():
             dataio.write_jsonl(out / ("predictions.jsonl" if name == "test" else f"predictions_{name}.jsonl"), rows)

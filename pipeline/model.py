@@ -37,8 +37,12 @@ VISION_MODULES = ("vision_tower", "multi_modal_projector")
 
 def build_tokenizer(corpus: list[str], vocab_size: int):
     """BPE with byte fallback (any text round-trips), trained on `corpus`, with Gemma 3's special tokens."""
+    return wrap_tokenizer(train_bpe(corpus, vocab_size))
+
+
+def train_bpe(corpus: list[str], vocab_size: int):
+    """The `tokenizers` BPE model behind `build_tokenizer` (special tokens first, then 256 byte tokens)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     tok.normalizer = normalizers.Replace(" ", "▁")  # SentencePiece-style spaces, as Gemma's tokenizer
@@ -49,37 +53,56 @@ def build_tokenizer(corpus: list[str], vocab_size: int):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + byte_tokens,
                                   initial_alphabet=[], show_progress=False)
     tok.train_from_iterator(corpus, trainer)
+    return tok
+
+
+def wrap_tokenizer(tok):
+    """A `tokenizers.Tokenizer` as the transformers tokenizer Gemma 3's processor expects."""
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
                                    unk_token="<unk>", extra_special_tokens=dict(NAMED_TOKENS))
 
 
-def build_processor(tokenizer, cfg: ModelCfg):
+def build_processor(tokenizer, image_size: int, tokens_per_image: int):
+    """Gemma 3's processor: its image processor (SigLIP's 0.5 / 0.5 normalisation, bilinear resize to a
+    square of `image_size`), `tokenizer`, Google's chat template, `tokens_per_image` soft tokens."""
     from transformers import Gemma3ImageProcessor, Gemma3Processor
 
-    images = Gemma3ImageProcessor(size={"height": cfg.image_size, "width": cfg.image_size},
+    images = Gemma3ImageProcessor(size={"height": image_size, "width": image_size},
                                   image_mean=[0.5] * 3, image_std=[0.5] * 3)
     return Gemma3Processor(image_processor=images, tokenizer=tokenizer, chat_template=GEMMA3_CHAT_TEMPLATE,
-                           image_seq_length=cfg.tokens_per_image)
+                           image_seq_length=tokens_per_image)
+
+
+def gemma3_config(tokenizer, text: dict, vision: dict, tokens_per_image: int, vocab_size: int | None = None):
+    """A Gemma3Config: `text` / `vision` hold the two towers' sizes; the special tokens' ids are the
+    tokenizer's; `vocab_size` (the embedding's rows, >= the tokenizer's size) defaults to the tokenizer's."""
+    from transformers import Gemma3Config
+
+    ids = tokenizer.convert_tokens_to_ids
+    if vocab_size is not None and vocab_size < len(tokenizer):
+        raise InputError(f"model: vocab_size {vocab_size} < the tokenizer's {len(tokenizer)} tokens")
+    return Gemma3Config(
+        text_config={"vocab_size": vocab_size or len(tokenizer), **text},
+        vision_config={"vision_use_head": False, **vision},  # as Gemma 3: the projector reads every patch
+        mm_tokens_per_image=tokens_per_image, boi_token_index=ids("<start_of_image>"),
+        eoi_token_index=ids("<end_of_image>"), image_token_index=ids("<image_soft_token>"),
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
 
 
 def build_config(tokenizer, cfg: ModelCfg):
     """A Gemma3Config of the built-in's size (2 layers, hidden 64 by default)."""
-    from transformers import Gemma3Config
-
-    ids = tokenizer.convert_tokens_to_ids
     t, v = cfg.text, cfg.vision
-    return Gemma3Config(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-                         num_hidden_layers=t.layers, num_attention_heads=t.heads, num_key_value_heads=t.kv_heads,
-                         head_dim=t.hidden_size // t.heads, query_pre_attn_scalar=t.hidden_size // t.heads,
-                         max_position_embeddings=1024, sliding_window=256),
-        vision_config=dict(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.layers,
-                           num_attention_heads=v.heads, image_size=cfg.image_size, patch_size=v.patch_size,
-                           vision_use_head=False),  # as Gemma 3: the projector reads every patch, no pooling head
-        mm_tokens_per_image=cfg.tokens_per_image, boi_token_index=ids("<start_of_image>"),
-        eoi_token_index=ids("<end_of_image>"), image_token_index=ids("<image_soft_token>"),
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
+    return gemma3_config(
+        tokenizer,
+        text=dict(hidden_size=t.hidden_size, intermediate_size=t.intermediate_size, num_hidden_layers=t.layers,
+                  num_attention_heads=t.heads, num_key_value_heads=t.kv_heads, head_dim=t.hidden_size // t.heads,
+                  query_pre_attn_scalar=t.hidden_size // t.heads, max_position_embeddings=1024, sliding_window=256),
+        vision=dict(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.layers,
+                    num_attention_heads=v.heads, image_size=cfg.image_size, patch_size=v.patch_size),
+        tokens_per_image=cfg.tokens_per_image)
 
 
 def build_builtin(cfg: ModelCfg, corpus: list[str], seed: int):
@@ -89,7 +112,7 @@ def build_builtin(cfg: ModelCfg, corpus: list[str], seed: int):
     tokenizer = build_tokenizer(corpus, cfg.vocab_size)
     torch.manual_seed(seed)
     model = Gemma3ForConditionalGeneration(build_config(tokenizer, cfg))
-    return model, build_processor(tokenizer, cfg)
+    return model, build_processor(tokenizer, cfg.image_size, cfg.tokens_per_image)
 
 
 def source_of(cfg: ModelCfg, models_dir: str) -> str:
@@ -135,6 +158,17 @@ def store_weights_sha256(folder: Path) -> str:
     digest = _hash_weights.__wrapped__(str(Path(folder).resolve()))  # not cached: a fresh folder
     (Path(folder) / WEIGHTS_HASH_FILE).write_text(digest + "\n")
     return digest
+
+
+def peak_memory() -> dict[str, float]:
+    """This process's peak memory so far, in GiB: the GPU's allocations (`peak_gpu_gib`, on a GPU) and the
+    resident set (`peak_rss_gib`): what a stage records beside its figures."""
+    import resource
+
+    out = {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}  # KiB on Linux
+    if torch.cuda.is_available():
+        out["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return out
 
 
 def device_and_dtype() -> tuple[torch.device, torch.dtype]:
@@ -216,8 +250,11 @@ def apply_peft(model: nn.Module, cfg: Peft, adapter_name: str = "default"):
 
     if cfg.method not in ("lora", "qlora", "dora", "adapter"):
         raise InputError(f"train.peft.method: unknown method {cfg.method!r} (lora, qlora, dora, adapter)")
-    if cfg.method == "qlora":
+    if cfg.method == "qlora" and cfg.frozen_fp32:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    elif cfg.method == "qlora":  # the same, less the cast of every frozen 16-bit weight to fp32 (2 bytes more each)
+        for q in model.parameters():
+            q.requires_grad_(False)
     targets = target_modules(model, cfg.target_modules, cfg.adapt_vision)
     lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                       use_dora=cfg.method == "dora", bias="none")
@@ -330,6 +367,20 @@ def load_adapter(adapter: Path, params: config.Params, who: str = "evaluate", fu
     return Loaded(model, processor, heads.to(device).eval(), meta, device)
 
 
+def checkpoint_towers(model, which) -> None:
+    """Gradient (activation) checkpointing: `True` both towers, "vision" the SigLIP tower only (at 896 px
+    its 4,096-patch activations are the largest), "text" the language model only, `False` none."""
+    if which is False:
+        return
+    base = backbone(model)
+    kwargs = {"use_reentrant": False}
+    if which is True:
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        tower = base.model.vision_tower if which == "vision" else base.model.language_model
+        tower.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+
+
 # ------------------------------------------------------------------------------- running the pieces
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -340,17 +391,33 @@ def backbone(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def answer_ce(base, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def answer_ce(base, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 0) -> torch.Tensor:
     """Causal-LM loss on the answer tokens only; logits are computed for those positions alone
-    (the full (B, T, vocab) tensor is never materialised). Across processes: this rank's share of the
-    mean over every rank's answer tokens."""
+    (the full (B, T, vocab) tensor is never materialised). `chunk` > 0: fused linear cross-entropy, the
+    answer tokens taken `chunk` at a time, each chunk's logits recomputed in the backward pass instead of
+    kept, so at most (chunk, vocab) logits exist at once (at a 262k vocabulary, 1 GiB per 1,000 tokens in
+    fp32). Across processes: this rank's share of the mean over every rank's answer tokens."""
     target = labels[:, 1:]
     keep = target != -100  # (B, T-1)
-    logits = base.lm_head(hidden[:, :-1][keep])  # (N_answer, V)
+    h, y = hidden[:, :-1][keep], target[keep]  # (N, H), (N,)
     cap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
+    if chunk <= 0 or len(y) <= chunk:
+        total = _ce_sum(h, y, base.lm_head.weight, base.lm_head.bias, cap)
+    else:
+        from torch.utils.checkpoint import checkpoint
+
+        head = base.lm_head
+        total = sum(checkpoint(_ce_sum, h[i : i + chunk], y[i : i + chunk], head.weight, head.bias, cap,
+                               use_reentrant=False) for i in range(0, len(y), chunk))
+    return distributed.mean_share(total, keep.sum())
+
+
+def _ce_sum(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias, cap: float | None) -> torch.Tensor:
+    """Summed cross-entropy of the (N, H) hidden states `h` against `y` through the output layer."""
+    logits = F.linear(h, weight, bias)  # (N, V)
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    return distributed.mean_share(F.cross_entropy(logits.float(), target[keep], reduction="sum"), keep.sum())
+    return F.cross_entropy(logits.float(), y, reduction="sum")
 
 
 class TextAnchor:

@@ -33,19 +33,19 @@ TERMS = ("contrastive", "ce", "mse", "total")
 
 # ----------------------------------------------------------------------------------------- forward
 def forward_terms(model, heads, loss_fn: losses.AlignmentLoss, batch: dict, text_grad: bool,
-                  anchor: modelmod.TextAnchor | None = None) -> losses.Terms:
+                  anchor: modelmod.TextAnchor | None = None, ce_chunk: int = 0) -> losses.Terms:
     """One forward pass over a batch -> every loss term (docs/design.md §6).
 
     The image features are computed once and handed to the LM (`mm_encoder_outputs`); the caption side
     comes from `anchor` (frozen base, cached) unless `text_grad`, where the adapted LM reads the caption
-    in a text-only pass with gradient.
+    in a text-only pass with gradient. `ce_chunk`: see `model.answer_ce`.
     """
     base = modelmod.backbone(model)
     align = loss_fn.w_con > 0 or loss_fn.w_mse > 0
     image_out = base.model.get_image_features(batch["pixel_values"], return_dict=True)
     out = base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                      token_type_ids=batch["token_type_ids"], mm_encoder_outputs={"image": image_out})
-    ce = modelmod.answer_ce(base, out.last_hidden_state, batch["labels"])
+    ce = modelmod.answer_ce(base, out.last_hidden_state, batch["labels"], ce_chunk)
     if not align:
         zero = ce.new_zeros(())
         return losses.Terms(contrastive=zero, ce=ce, mse=zero, total=loss_fn.w_ce * ce)
@@ -65,12 +65,12 @@ class Objective(nn.Module):
     """Model, alignment heads and loss as one module: what DDP / FSDP wrap, so that every trainable
     parameter is synchronised by one wrapper."""
 
-    def __init__(self, model, heads, loss_fn):
+    def __init__(self, model, heads, loss_fn, ce_chunk: int = 0):
         super().__init__()
-        self.model, self.heads, self.loss_fn = model, heads, loss_fn
+        self.model, self.heads, self.loss_fn, self.ce_chunk = model, heads, loss_fn, ce_chunk
 
     def forward(self, batch: dict, text_grad: bool, anchor: modelmod.TextAnchor | None = None) -> losses.Terms:
-        return forward_terms(self.model, self.heads, self.loss_fn, batch, text_grad, anchor)
+        return forward_terms(self.model, self.heads, self.loss_fn, batch, text_grad, anchor, self.ce_chunk)
 
 
 # ------------------------------------------------------------------------------------------- setup
@@ -110,16 +110,15 @@ def setup(params: config.Params, train: list[dict], val: list[dict]) -> State:
     torch.manual_seed(t.seed)
     device, dtype = modelmod.device_and_dtype()
     model, processor = modelmod.load_trainable(params, device, dtype)
-    if t.grad_checkpointing:
-        modelmod.backbone(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    modelmod.checkpoint_towers(model, t.grad_checkpointing)
     hidden = modelmod.backbone(model).config.get_text_config().hidden_size
     heads = modelmod.AlignmentHeads(hidden, t.loss.embed_dim).to(device)
     loss_fn = losses.AlignmentLoss(t.loss.w_con, t.loss.w_ce, t.loss.w_mse, t.loss.tau, t.loss.learnable_tau,
                                    t.loss.queue_size, t.loss.embed_dim, t.distributed.gather).to(device)
     align = t.loss.w_con > 0 or t.loss.w_mse > 0
-    wrapped = distributed.wrap(Objective(model, heads, loss_fn), t.distributed.strategy, unused=not align)
+    wrapped = distributed.wrap(Objective(model, heads, loss_fn, t.ce_chunk), t.distributed.strategy, unused=not align)
     # after wrapping: FSDP replaces the parameters by their shards
-    optimizer = torch.optim.AdamW(param_groups(model, heads, loss_fn, t.lr), weight_decay=0.0)
+    optimizer = optim.make(param_groups(model, heads, loss_fn, t.lr), t.optimizer)
     steps_per_epoch = max(1, len(train) // (t.batch_size * t.grad_accum))
     total = steps_per_epoch * t.epochs if not t.max_steps else min(t.max_steps, steps_per_epoch * t.epochs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, optim.schedule(t.warmup_steps, total))
@@ -360,6 +359,7 @@ def run(params: config.Params, train: list[dict], val: list[dict], tracker=None)
                "mlflow_run_id": tracker.run_id if tracker else None,
                "resumed_from_step": int(resumed["step"]) if resumed else None}
     metrics["processes"] = distributed.world_size()
+    metrics.update(modelmod.peak_memory())
     tensors = adapter_tensors(state)
     if distributed.rank() != 0:
         return metrics
