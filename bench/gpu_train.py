@@ -71,7 +71,7 @@ def overrides_of(arm: str) -> list[str]:
 
 def records(folder: Path, n: int) -> list[dict]:
     """`n` chat samples of generic scenes (images saved at 448 px; the processor resizes to 896)."""
-    from pipeline import base, chat
+    from pipeline import base
 
     folder.mkdir(parents=True, exist_ok=True)
     out = []

@@ -331,13 +331,17 @@ def run(params: config.Params, train: list[dict], val: list[dict], tracker=None)
     bar = tqdm(total=state.total_steps, initial=state.step, desc="train", unit="step",
                disable=None if distributed.rank() == 0 else True)
     for epoch in range(t.epochs):
+        if state.step >= state.total_steps:
+            break  # `train.max_steps` reached: no more epochs (and no more validation passes)
         batches = micro_batches(state, epoch, t.seed, t.batch_size)
+        trained = False
         for s in range(state.steps_per_epoch):
             global_step = epoch * state.steps_per_epoch + s
             if global_step < state.step:
                 continue  # consumed before the checkpoint
             if state.step >= state.total_steps:
                 break
+            trained = True
             row = train_step(state, batches[s * t.grad_accum : (s + 1) * t.grad_accum], t)
             row.update(step=state.step, epoch=epoch)
             state.history.append(row)
@@ -347,7 +351,7 @@ def run(params: config.Params, train: list[dict], val: list[dict], tracker=None)
                 tracker.log_step(row)
             if state.step % t.checkpoint_every == 0:
                 save_checkpoint(state, ckpt, fp, {"run_id": tracker.run_id if tracker else None})
-        if val and (tracker or distributed.active()):  # every rank computes it (collectives), rank 0 logs
+        if trained and val and (tracker or distributed.active()):  # every rank computes it (collectives), rank 0 logs
             val_loss = validation_loss(state, val, t.batch_size)
             if tracker:
                 tracker.log_metrics(val_loss, state.step)

@@ -251,3 +251,21 @@ def test_dora_trains(params, tmp_path, base_dir, records):
     assert any("lora_magnitude_vector" in n for n, _ in state.model.named_parameters())
     row = train.train_step(state, [records[:4]], p.train)
     assert torch.isfinite(torch.tensor(row["loss/total"]))
+
+
+def test_a_run_capped_by_max_steps_stops_there_and_validates_once(params, tmp_path, base_dir, records, monkeypatch):
+    import mlflow
+
+    from pipeline.tracking import Tracker
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    p = _params(params, tmp_path, base_dir, epochs=50, max_steps=3)  # 24 rows, batch 4: 6 steps an epoch
+    calls = []
+    real = train.validation_loss
+    monkeypatch.setattr(train, "validation_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    metrics = train.run(p, records[:24], records[24:32], Tracker(p))
+    assert metrics["steps"] == 3
+    assert len(calls) == 2  # the epoch that reached max_steps, and the final figure; not one per epoch left
+    client = mlflow.MlflowClient()
+    history = client.get_metric_history(metrics["mlflow_run_id"], "val/total")
+    assert [m.step for m in history] == [3]
