@@ -66,6 +66,14 @@ def tiny(params: config.Params, root: Path, **train_kw) -> config.Params:
     return dataclasses.replace(params, paths=paths, base=base, train=train, model=model)
 
 
+def with_base(params: config.Params, root: Path, base_dir: Path, **train_kw) -> config.Params:
+    """`tiny` params under `root` with the session's built-in base linked in as `models/base`."""
+    p = tiny(params, root, **train_kw)
+    (root / "models").mkdir(exist_ok=True)
+    os.symlink(base_dir, root / "models" / "base")
+    return p
+
+
 @pytest.fixture(scope="session")
 def records(tmp_path_factory, params, clean_set):
     """Curated chat samples of the 40-lesion clean set (mismatch model off, for speed)."""

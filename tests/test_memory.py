@@ -7,7 +7,6 @@
 - `train.optimizer: adamw8bit`: moments stored in 8 bits, and they survive a checkpoint round trip.
 """
 import dataclasses
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -16,7 +15,7 @@ import torch
 from pipeline import model as modelmod, optim, train
 from pipeline.errors import InputError
 
-from conftest import tiny
+from conftest import with_base
 
 
 class _Head(torch.nn.Module):
@@ -82,13 +81,6 @@ def test_chunked_cross_entropy_never_keeps_the_answer_logits():
     assert chunked == 0  # each chunk's logits are recomputed in the backward pass, one chunk at a time
 
 
-def _params(params, tmp_path, base_dir, **train_kw):
-    p = tiny(params, tmp_path, **train_kw)
-    (tmp_path / "models").mkdir(exist_ok=True)
-    os.symlink(base_dir, tmp_path / "models" / "base")
-    return p
-
-
 def _grads(p, records, which):
     """Gradients of the trainable parameters after one step's loss, with `which` towers checkpointed."""
     p = dataclasses.replace(p, train=dataclasses.replace(p.train, grad_checkpointing=which,
@@ -104,7 +96,7 @@ def _grads(p, records, which):
 
 
 def test_checkpointing_each_tower_keeps_the_gradients(params, tmp_path, base_dir, records):
-    p = _params(params, tmp_path, base_dir)
+    p = with_base(params, tmp_path, base_dir)
     off, ref = _grads(p, records, False)
     assert off == {"vision": False, "text": False}
     for which, expect in (("vision", {"vision": True, "text": False}), ("text", {"vision": False, "text": True}),
@@ -117,7 +109,7 @@ def test_checkpointing_each_tower_keeps_the_gradients(params, tmp_path, base_dir
 
 
 def test_8bit_optimizer_stores_8bit_moments_and_survives_a_checkpoint(params, tmp_path, base_dir, records):
-    p = _params(params, tmp_path, base_dir, optimizer="adamw8bit")
+    p = with_base(params, tmp_path, base_dir, optimizer="adamw8bit")
     state = train.setup(p, records[:16], [])
     assert type(state.optimizer).__name__ == "AdamW8bit"
     for b in train.micro_batches(state, 0, 0, 4)[:2]:

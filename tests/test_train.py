@@ -14,14 +14,7 @@ from safetensors.torch import load_file
 from pipeline import config, model as modelmod, train
 from pipeline.errors import CheckFailed, InputError
 
-from conftest import ROOT, kill_after_checkpoint, tiny
-
-
-def _params(params, tmp_path, base_dir, **train_kw):
-    p = tiny(params, tmp_path, **train_kw)
-    (tmp_path / "models").mkdir(exist_ok=True)
-    os.symlink(base_dir, tmp_path / "models" / "base")
-    return p
+from conftest import ROOT, kill_after_checkpoint, with_base
 
 
 def _lr(p, vision, text):
@@ -29,7 +22,7 @@ def _lr(p, vision, text):
 
 
 def test_short_run_learns_and_touches_only_trainable_parameters(params, tmp_path, base_dir, records):
-    p = _lr(_params(params, tmp_path, base_dir, epochs=3, max_steps=0), 3e-3, 3e-3)
+    p = _lr(with_base(params, tmp_path, base_dir, epochs=3, max_steps=0), 3e-3, 3e-3)
     state = train.setup(p, records[:32], records[32:])
     before = {n: t.detach().clone() for n, t in state.model.named_parameters()}
     fixed = records[:8]
@@ -50,7 +43,7 @@ def test_short_run_learns_and_touches_only_trainable_parameters(params, tmp_path
 
 
 def test_every_parameter_is_in_exactly_one_group_with_its_learning_rate(params, tmp_path, base_dir, records):
-    p = _params(params, tmp_path, base_dir)
+    p = with_base(params, tmp_path, base_dir)
     state = train.setup(p, records[:8], [])
     groups = {g["name"]: g for g in state.optimizer.param_groups}
     lr = params.train.lr
@@ -71,7 +64,7 @@ def test_every_parameter_is_in_exactly_one_group_with_its_learning_rate(params, 
 def test_qlora_quantises_the_language_model_and_keeps_vision_16bit(params, tmp_path, base_dir, records):
     import bitsandbytes as bnb
 
-    p = _params(params, tmp_path, base_dir)
+    p = with_base(params, tmp_path, base_dir)
     p = dataclasses.replace(p, train=dataclasses.replace(p.train, peft=dataclasses.replace(p.train.peft, method="qlora")))
     state = train.setup(p, records[:8], [])
     base = modelmod.backbone(state.model)
@@ -88,7 +81,7 @@ def test_qlora_quantises_the_language_model_and_keeps_vision_16bit(params, tmp_p
 
 
 def test_bad_peft_settings_fail_before_any_work(params, tmp_path, base_dir, records):
-    p = _params(params, tmp_path, base_dir)
+    p = with_base(params, tmp_path, base_dir)
     bad = dataclasses.replace(p, train=dataclasses.replace(p.train, peft=dataclasses.replace(p.train.peft, target_modules=("nope_proj",))))
     with pytest.raises(InputError, match="nope_proj"):
         train.setup(bad, records[:4], [])
@@ -98,7 +91,7 @@ def test_bad_peft_settings_fail_before_any_work(params, tmp_path, base_dir, reco
 
 
 def test_non_finite_loss_stops_with_step_and_term(params, tmp_path, base_dir, records):
-    p = _params(params, tmp_path, base_dir)
+    p = with_base(params, tmp_path, base_dir)
     state = train.setup(p, records[:8], [])
     with torch.no_grad():
         state.heads.image.weight.fill_(float("nan"))  # the image embedding goes bad, the LM does not
@@ -117,7 +110,7 @@ def _write_params(p, path):
 def _prepare(params, root, base_dir, records):
     from pipeline import data as dataio
 
-    p = _params(params, root, base_dir, max_steps=10, checkpoint_every=2, epochs=2)
+    p = with_base(params, root, base_dir, max_steps=10, checkpoint_every=2, epochs=2)
     (root / "split").mkdir()
     dataio.write_jsonl(root / "split" / "train.jsonl", records[:32])
     dataio.write_jsonl(root / "split" / "val.jsonl", records[32:36])
@@ -223,7 +216,7 @@ def test_adapter_loads_with_peft_and_switches_by_task(params, tmp_path, base_dir
     for task in ("lesions", "borders"):
         root = tmp_path / task
         root.mkdir()
-        p = _params(params, root, base_dir, max_steps=2)
+        p = with_base(params, root, base_dir, max_steps=2)
         p = dataclasses.replace(p, train=dataclasses.replace(p.train, peft=dataclasses.replace(p.train.peft, method="adapter", adapter_name=task)))
         train.run(p, records[:16] if task == "lesions" else records[16:32], [])
         outs[task] = root / "models" / "adapter"
@@ -245,7 +238,7 @@ def test_adapter_loads_with_peft_and_switches_by_task(params, tmp_path, base_dir
 
 @pytest.mark.slow
 def test_dora_trains(params, tmp_path, base_dir, records):
-    p = _params(params, tmp_path, base_dir)
+    p = with_base(params, tmp_path, base_dir)
     p = dataclasses.replace(p, train=dataclasses.replace(p.train, peft=dataclasses.replace(p.train.peft, method="dora")))
     state = train.setup(p, records[:8], [])
     assert any("lora_magnitude_vector" in n for n, _ in state.model.named_parameters())
@@ -259,7 +252,7 @@ def test_a_run_capped_by_max_steps_stops_there_and_validates_once(params, tmp_pa
     from pipeline.tracking import Tracker
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    p = _params(params, tmp_path, base_dir, epochs=50, max_steps=3)  # 24 rows, batch 4: 6 steps an epoch
+    p = with_base(params, tmp_path, base_dir, epochs=50, max_steps=3)  # 24 rows, batch 4: 6 steps an epoch
     calls = []
     real = train.validation_loss
     monkeypatch.setattr(train, "validation_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
