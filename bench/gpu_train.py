@@ -94,13 +94,23 @@ class Precollated:
         return self.cache[key] if key in self.cache else self.inner(rows)
 
 
-def model_flops(cfg, batch: dict, loss_tokens: int) -> float:
-    """Model FLOPs of one training pass over `batch` (formula in the module docstring)."""
+def part_sizes(cfg) -> tuple[int, int, int]:
+    """Parameters of the vision tower, the projector and the text model without its embedding, counted on
+    a copy of the model built on the meta device (nothing allocated; a 4-bit model's packed weights would
+    count half)."""
+    from transformers import Gemma3ForConditionalGeneration
+
+    with torch.device("meta"):
+        m = Gemma3ForConditionalGeneration(cfg).model
+    count = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
+    return (count(m.vision_tower), count(m.multi_modal_projector),
+            count(m.language_model) - count(m.language_model.embed_tokens))
+
+
+def model_flops(cfg, sizes: tuple[int, int, int], batch: dict, loss_tokens: int) -> float:
+    """Model FLOPs of one training pass over `batch` (formula in the module docstring); `sizes`: `part_sizes`."""
     t, v = cfg.text_config, cfg.vision_config
-    n_vis = _count_vision(v)
-    n_proj = v.hidden_size * t.hidden_size + v.hidden_size
-    n_text = t.num_hidden_layers * (t.hidden_size * t.head_dim * (2 * t.num_attention_heads + 2 * t.num_key_value_heads)
-                                    + 3 * t.hidden_size * t.intermediate_size + 4 * t.hidden_size) + t.hidden_size
+    n_vis, n_proj, n_text = sizes
     patches = (v.image_size // v.patch_size) ** 2
     images = int(batch["pixel_values"].shape[0])
     lengths = batch["attention_mask"].sum(1).tolist()
@@ -109,12 +119,6 @@ def model_flops(cfg, batch: dict, loss_tokens: int) -> float:
     attn = 12 * (images * v.num_hidden_layers * patches ** 2 * v.hidden_size
                  + sum(t.num_hidden_layers * n ** 2 * t.num_attention_heads * t.head_dim for n in lengths))
     return float(dense + attn)
-
-
-def _count_vision(v) -> int:
-    h, i = v.hidden_size, v.intermediate_size
-    layer = 4 * (h * h + h) + 2 * (h * i) + i + h + 4 * h  # q, k, v, o; fc1, fc2; two layer norms
-    return v.num_hidden_layers * layer + 3 * v.patch_size ** 2 * h + h
 
 
 def run_recipe(path: str, recs: list[dict], steps: int, warmup: int, device) -> dict:
@@ -157,8 +161,9 @@ def run_recipe(path: str, recs: list[dict], steps: int, warmup: int, device) -> 
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    flops = sum(model_flops(model.get_base_model().config, b, int((b["labels"][:, 1:] != -100).sum()))
-                for b in batches[:4])
+    cfg = model.get_base_model().config
+    sizes = part_sizes(cfg)
+    flops = sum(model_flops(cfg, sizes, b, int((b["labels"][:, 1:] != -100).sum())) for b in batches[:4])
     tokens = sum(int(b["attention_mask"].sum()) for b in batches[:4])
     return {**timed(step, steps, warmup), "flops_per_step": flops, "tokens_per_step": tokens}
 
@@ -180,7 +185,8 @@ def run_ours(arm: str, path: str, recs: list[dict], steps: int, warmup: int, dev
         train.train_step(state, [rows[i : i + t.batch_size] for i in range(0, per_step, t.batch_size)], t)
 
     first = [state.collator(m) for m in micro[: per_step // t.batch_size]]
-    flops = sum(model_flops(cfg, b, int((b["labels"][:, 1:] != -100).sum())) for b in first)
+    sizes = part_sizes(cfg)
+    flops = sum(model_flops(cfg, sizes, b, int((b["labels"][:, 1:] != -100).sum())) for b in first)
     tokens = sum(int(b["attention_mask"].sum()) for b in first)
     return {**timed(step, steps, warmup), "flops_per_step": flops, "tokens_per_step": tokens,
             "overrides": overrides_of(arm)}

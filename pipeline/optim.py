@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -24,8 +25,6 @@ def make(groups: list[dict], name: str = "adamw", weight_decay: float = 0.0) -> 
     except ImportError as e:
         raise InputError(f"train.optimizer={name} needs bitsandbytes: {e}") from None
     cls = bnb.optim.AdamW8bit if name == "adamw8bit" else bnb.optim.PagedAdamW8bit
-    import warnings
-
     with warnings.catch_warnings():  # "paged optimizers are not supported on CPU": falls back to 8-bit
         warnings.simplefilter("ignore", UserWarning)
         return cls(groups, weight_decay=weight_decay)

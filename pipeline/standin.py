@@ -17,7 +17,7 @@ for the tests on a CPU.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,7 +39,6 @@ class Shape:
     image_size: int
     tokens_per_image: int
     vocab_size: int = VOCAB_SIZE
-    extra: dict = field(default_factory=dict)  # other Gemma3Config fields
 
 
 SHAPES = {
@@ -82,10 +81,7 @@ def tokenizer(corpus: list[str], pieces: int = PIECES):
 def config(shape: str, tok):
     """The Gemma3Config of `shape`, with `tok`'s special ids (Gemma 3's)."""
     s = shape_of(shape)
-    cfg = modelmod.gemma3_config(tok, s.text, s.vision, s.tokens_per_image, s.vocab_size)
-    for k, v in s.extra.items():
-        setattr(cfg, k, v)
-    return cfg
+    return modelmod.gemma3_config(tok, s.text, s.vision, s.tokens_per_image, s.vocab_size)
 
 
 def parameters(shape: str, tok) -> int:
