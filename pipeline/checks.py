@@ -255,9 +255,12 @@ def phash(img: Image.Image) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------- dataset checks
-def mark_duplicates(rows: list[Row], max_bits: int) -> None:
+def mark_duplicates(rows: list[Row], max_bits: int, confirm: float = 0.0) -> None:
     """Exact (sha256) then near (256-bit phash Hamming distance <= max_bits) duplicates: the first member of
-    each group stays, the others get `duplicate_of:<id>`."""
+    each group stays, the others get `duplicate_of:<id>`. `confirm` > 0: a pHash pair is a near duplicate
+    only if its two pictures also differ by at most `confirm` (`aligned_difference`), so that distinct
+    objects of one shape on a uniform background (which the hash, built from low frequencies, cannot tell
+    apart) are not taken for copies."""
     clean = [r for r in rows if not r.reasons]
     first: dict[str, Row] = {}  # sha256 -> the first clean row with those bytes
     keepers: list[Row] = []
@@ -271,7 +274,16 @@ def mark_duplicates(rows: list[Row], max_bits: int) -> None:
         return
     hashes = np.stack([r.phash for r in keepers])  # (N, 4)
     later: dict[int, list[int]] = {}
+    thumbs: dict[int, np.ndarray] = {}
+
+    def thumb(k: int) -> np.ndarray:
+        if k not in thumbs:
+            thumbs[k] = thumbnail(keepers[k].path)
+        return thumbs[k]
+
     for i, j in near_pairs(hashes, max_bits):
+        if confirm > 0 and aligned_difference(thumb(int(i)), thumb(int(j))) > confirm:
+            continue
         later.setdefault(int(i), []).append(int(j))
     for i, r in enumerate(keepers):  # the first of a group keeps, in manifest order, as an exhaustive scan would
         if r.reasons:
@@ -280,6 +292,29 @@ def mark_duplicates(rows: list[Row], max_bits: int) -> None:
             other = keepers[j]
             if not other.reasons:
                 other.reasons.append(f"duplicate_of:{sample_id(r.raw)}")
+
+
+THUMB = 64  # side of the grey thumbnails that confirm a near duplicate
+MAX_SHIFT = 2  # pixels of the thumbnail: a copy may be cropped or shifted by a few pixels
+
+
+def thumbnail(path: Path) -> np.ndarray:
+    """The picture in grey at THUMB x THUMB, standardised (mean 0, sd 1: a brighter or more contrasted copy
+    is still a copy; orientation as stored: a rotated copy is not)."""
+    with own_pixel_limit(), Image.open(path) as img:
+        g = np.asarray(img.convert("L").resize((THUMB, THUMB), Image.BILINEAR), np.float32)
+    return (g - g.mean()) / max(float(g.std()), 1e-3)
+
+
+def aligned_difference(a: np.ndarray, b: np.ndarray, max_shift: int = MAX_SHIFT) -> float:
+    """Mean absolute difference of two thumbnails at the shift (up to `max_shift` pixels each way) that
+    matches them best, over the centre both cover at every shift, in standard deviations of the picture. A
+    re-encoded, resized or slightly shifted copy stays within the codec's noise; two photos of distinct
+    objects differ by their texture, marks and outline wherever the hash cannot see them."""
+    n, k = a.shape[0], max_shift
+    centre = a[k:n - k, k:n - k]
+    return min(float(np.abs(centre - b[k + dy:n - k + dy, k + dx:n - k + dx]).mean())
+               for dy in range(-k, k + 1) for dx in range(-k, k + 1))
 
 
 def near_pairs(hashes: np.ndarray, max_bits: int) -> np.ndarray:
@@ -472,7 +507,7 @@ def curate_rows(raw_rows: list[dict[str, str]], root: Path, cfg: Curate, data: D
         check_label(row, data.labels)
         check_caption(row, cfg, data)
     check_images(rows, [Path(r.raw[ROOT_KEY]) if ROOT_KEY in r.raw else root for r in rows], cfg)
-    mark_duplicates(rows, cfg.near_duplicate_bits)
+    mark_duplicates(rows, cfg.near_duplicate_bits, cfg.near_duplicate_confirm)
     mism = mark_mismatches(rows, cfg)
     accepted = [sample_record(r, os.path.join(r.raw.get(ROOT_KEY, image_prefix), r.raw["image"].strip()), data)
                 for r in rows if not r.reasons]

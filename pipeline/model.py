@@ -240,6 +240,12 @@ def target_modules(model: nn.Module, names: tuple[str, ...], include_vision: boo
     return linear
 
 
+def patch_embedding(model: nn.Module) -> list[str]:
+    """Full names of the vision tower's patch-embedding convolutions (SigLIP's `patch_embedding`)."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n.split(".")[-1] == "patch_embedding"
+            and n.startswith(_vision_prefixes(model))]
+
+
 def _vision_prefixes(model: nn.Module) -> tuple[str, ...]:
     return tuple(n for n, _ in model.named_modules() if n.split(".")[-1] in VISION_MODULES)
 
@@ -256,6 +262,11 @@ def apply_peft(model: nn.Module, cfg: Peft, adapter_name: str = "default"):
         for q in model.parameters():
             q.requires_grad_(False)
     targets = target_modules(model, cfg.target_modules, cfg.adapt_vision)
+    if cfg.adapt_patch_embedding:  # the first layer that sees pixels: frozen, it keeps the base's notion of a patch
+        conv = patch_embedding(model)
+        if not conv:
+            raise InputError("train.peft.adapt_patch_embedding: this model has no vision patch_embedding convolution")
+        targets += conv
     lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                       use_dora=cfg.method == "dora", bias="none")
     return get_peft_model(model, lora, adapter_name=adapter_name)

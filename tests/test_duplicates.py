@@ -82,3 +82,53 @@ def test_hashes_at_the_threshold_and_degenerate_buckets():
     h = np.concatenate([base, *copies, np.repeat(base[:1], 30, 0)])  # 30 identical: one big bucket
     assert set(map(tuple, checks.near_pairs(h, BITS).tolist())) == brute_pairs(h, BITS)
     assert checks.near_pairs(h[:1], BITS).shape == (0, 2) and checks.near_pairs(h, -1).shape == (0, 2)
+
+
+def test_pixel_confirmation_keeps_distinct_parts_and_still_finds_copies(tmp_path):
+    """Distinct parts of one shape on a uniform belt sit within the pHash threshold of each other; with
+    `near_duplicate_confirm` only the re-encoded, shifted copies stay duplicates (examples/parts' faults)."""
+    import csv
+    import hashlib
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "raw"
+    subprocess.run([sys.executable, str(root / "examples/parts/generate.py"), "--out", str(out), "--n", "150",
+                    "--seed", "3", "--duplicates", "0.06", "--corrupt", "0", "--vague", "0", "--mismatch", "0"],
+                   check=True, capture_output=True)
+    truth = {t["id"]: t for t in csv.DictReader(open(out / "truth.csv"))}
+
+    def marked(confirm: float) -> dict[str, str]:
+        rows = [checks.Row(index=i, raw={"id": t["id"]}) for i, t in enumerate(truth.values())]
+        for r in rows:
+            r.path = next(out.glob(f"images/{r.raw['id']}.*"))
+            r.sha256 = hashlib.sha256(r.path.read_bytes()).hexdigest()
+            r.phash = checks.phash(Image.open(r.path).convert("RGB"))
+        checks.mark_duplicates(rows, BITS, confirm)
+        return {r.raw["id"]: r.reasons[0] for r in rows if r.reasons}
+
+    hash_only, confirmed = marked(0.0), marked(0.05)
+    distinct = lambda m: [i for i in m if truth[i]["fault"] == "clean"]  # noqa: E731
+    copies = lambda m: [i for i in m if truth[i]["fault"] == "near_duplicate"]  # noqa: E731
+    assert len(distinct(hash_only)) >= 5  # the hash alone takes clean photos of other parts for copies
+    assert len(distinct(confirmed)) <= len(distinct(hash_only)) // 4
+    assert copies(hash_only) and len(copies(confirmed)) >= len(copies(hash_only)) // 2  # most copies still found
+    assert set(confirmed) <= set(hash_only)  # confirmation only removes pairs
+    for i in copies(confirmed):
+        assert confirmed[i] == f"duplicate_of:{truth[i]['source_id']}"
+
+
+def test_aligned_difference_is_zero_for_a_shifted_copy_and_ignores_brightness(tmp_path):
+    rng = np.random.default_rng(0)
+    pic = rng.integers(40, 200, (96, 96, 3)).astype(np.uint8)
+    Image.fromarray(pic).save(tmp_path / "a.png")
+    Image.fromarray((pic * 1.2).astype(np.uint8)).save(tmp_path / "brighter.png")
+    t = checks.thumbnail(tmp_path / "a.png")
+    assert t.shape == (64, 64) and abs(float(t.mean())) < 1e-4 and float(t.std()) == pytest.approx(1.0, abs=1e-3)
+    assert checks.aligned_difference(t, checks.thumbnail(tmp_path / "brighter.png")) < 0.05  # the parts' threshold
+    a = rng.normal(0, 1, (64, 64)).astype(np.float32)
+    shifted = np.roll(a, (1, -2), (0, 1))
+    assert checks.aligned_difference(a, shifted) == pytest.approx(0.0, abs=1e-6)
+    assert checks.aligned_difference(a, np.roll(a, 3, 0)) > 0.5  # beyond the 2-pixel search: a different picture
+    assert checks.aligned_difference(a, rng.normal(0, 1, (64, 64)).astype(np.float32)) > 0.8
