@@ -3,6 +3,8 @@
 For one domain and seed, the data, `curate` and `split` run once with the committed params (seeds as in
 `bench/quality.py`); then each arm runs `base`, `train` and `evaluate` with its own params overrides
 (e.g. more image tokens, smaller patches: settings that change the base, so every arm pre-trains its own).
+Arms whose overrides touch neither `model.*` nor `base.*` keys share one base, pre-trained once beside the
+data (the base reads only its own params and the training split, so theirs would be the same weights).
 Every arm is evaluated on the **validation** split: its split folder's `test.jsonl` is the validation
 split, so `evaluate`'s figures are validation figures and the test split is never read. `committed` is the
 arm with no overrides. Saves bench/results/val_arms_<domain>.json: per arm, macro-F1, per-label F1,
@@ -57,12 +59,15 @@ def main() -> None:
              "evaluate.sets={}"]
     shared = work / "shared"
     seconds: dict = {}
+    needs_base = lambda name: any(o.startswith(("model.", "base.")) for o in arms[name])  # noqa: E731
+    if (shared / "done").is_file() and any(not needs_base(a) for a in arms) and "base" not in json.loads((shared / "done").read_text()):
+        (shared / "done").unlink()  # data made before base sharing: made again, with its base
     if not (shared / "done").is_file():
         shutil.rmtree(shared, ignore_errors=True)
         shared.mkdir(parents=True)
         e = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{shared}/mlflow.db"}
         seconds["data"] = run(make_data(args.domain, seed, shared, e), shared, e, shared / "data.log")
-        for stage in ("curate", "split"):
+        for stage in ("curate", "split", "base"):
             seconds[stage] = run([sys.executable, "-m", "pipeline", stage, "--params", str(d["params"]),
                                   *[f"--set={o}" for o in seeds]], shared, e, shared / f"{stage}.log")
         (shared / "done").write_text(json.dumps(seconds))
@@ -76,12 +81,15 @@ def main() -> None:
         e = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{folder}/mlflow.db"}
         secs = {}
         for stage in ("base", "train", "evaluate"):
+            if stage == "base" and not needs_base(name):
+                continue  # the shared base, copied with the data
             secs[stage] = run([sys.executable, "-m", "pipeline", stage, "--params", str(d["params"]),
                                *[f"--set={o}" for o in seeds + arms[name]]], folder, e, folder / f"{stage}.log")
         m = json.loads((folder / d["reports"] / "metrics.json").read_text())
         out = {"arm": name, "overrides": arms[name], "val_f1_macro": m["f1_macro"],
                "val_per_label_f1": m.get("f1_per_class") or m["sets"].get("test", {}).get("f1_per_class"),
-               "val_ignore_rate": m["image_reliance"]["ignore_rate"], "n_val": m["n"], "seconds": secs}
+               "val_ignore_rate": m["image_reliance"]["ignore_rate"], "n_val": m["n"], "seconds": secs,
+               "shared_base": not needs_base(name)}
         print(json.dumps(out), flush=True)
         return out
 
@@ -92,13 +100,20 @@ def main() -> None:
         r["command"] = command
     dst = ROOT / "bench" / "results" / f"val_arms_{args.domain}.json"
     earlier = json.loads(dst.read_text()) if dst.is_file() else {}
-    if earlier.get("seed") == seed:  # arms of earlier invocations on the same data stay, unless re-run
+    report = json.loads((shared / d["curated"] / "report.json").read_text())
+    data = {"curated_accepted": report["accepted"], "split_rows": {k: sum(1 for _ in open(shared / d["split"] / f"{k}.jsonl"))
+                                                                   for k in ("train", "val", "test")}}
+    same = earlier.get("seed") == seed and earlier.get("data") == data
+    if same:  # arms of earlier invocations on the same data stay, unless re-run
         results = [r for r in earlier.get("arms", []) if r["arm"] not in arms] + results
-    commands = [c for c in earlier.get("commands", [earlier["command"]] if "command" in earlier else [])
-                if earlier.get("seed") == seed] + [command]
-    out = {"commands": commands, "domain": args.domain, "seed": seed,
+    commands = [c for c in earlier.get("commands", [earlier["command"]] if "command" in earlier else []) if same] + [command]
+    out = {"commands": commands, "domain": args.domain, "seed": seed, "data": data,
            "split_read": "validation only (each arm's test.jsonl is the validation split)",
            "shared_seconds": seconds or json.loads((shared / "done").read_text()), "arms": results}
+    if earlier and not same:  # other data (e.g. the curate params changed): kept apart, for the record
+        out["earlier_data"] = [{k: v for k, v in earlier.items() if k != "earlier_data"}] + earlier.get("earlier_data", [])
+    elif earlier.get("earlier_data"):
+        out["earlier_data"] = earlier["earlier_data"]
     dst.write_text(json.dumps(out, indent=1) + "\n")
     print(f"saved {dst}")
 

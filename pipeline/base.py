@@ -38,6 +38,7 @@ PLACES = {"top left": (0.28, 0.28), "top": (0.5, 0.25), "top right": (0.72, 0.28
           "bottom right": (0.72, 0.72)}
 COUNT_WORDS = ("no", "one", "two", "three", "four", "five", "six")
 PROMPT = "Describe the image."
+TOWER = "model.vision_tower."  # the SigLIP tower's parameter names (the projector is not in it)
 TOKENIZER_SEED = 0  # the tokenizer's corpus does not move with base.seed: a re-pre-trained base keeps its config
 
 
@@ -231,12 +232,24 @@ def text_batch(rows: list[tuple[list[int], list[int]]], pad: int, device) -> dic
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def tower_groups(model, cfg: config.Base) -> list[dict]:
+    """Optimizer groups: the vision tower at `cfg.vision_lr`, everything else (projector, language model) at
+    `cfg.lr`. Why: at the full rate the language loss rewards colour first, and within a few hundred steps
+    the tower's patch embedding is dominated by each patch's mean colour; LoRA can then no longer recover
+    fine structure (thin lines, small marks) in fine-tuning (README, *base*). `vision_lr: 0` freezes it."""
+    tower = [p for n, p in model.named_parameters() if n.startswith(TOWER)]
+    rest = [p for n, p in model.named_parameters() if not n.startswith(TOWER)]
+    for p in tower:
+        p.requires_grad_(cfg.vision_lr > 0)
+    return [{"params": rest, "lr": cfg.lr}] + ([{"params": tower, "lr": cfg.vision_lr}] if cfg.vision_lr > 0 else [])
+
+
 def pretrain(model, processor, samples: list[dict], cfg: config.Base,
              text: list[tuple[list[int], list[int]]] = (), text_history: list[float] | None = None) -> list[float]:
     """Full-parameter causal-LM training on the answers (image-caption batches, plus text-only batches
     of `text` when given); returns the per-step loss of the image-caption batches."""
     collator = Collator(processor, max_length=512)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(tower_groups(model, cfg), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(max(1, cfg.steps // 10), cfg.steps))
     gen = torch.Generator().manual_seed(cfg.seed)
     model.train()
@@ -258,7 +271,7 @@ def pretrain(model, processor, samples: list[dict], cfg: config.Base,
             loss = loss + text_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
         sched.step()
     return history

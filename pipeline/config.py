@@ -119,6 +119,7 @@ class Curate:
     vague_phrases: tuple[str, ...] = ()
     visual_terms: tuple[str, ...] = ()
     near_duplicate_bits: int = 26
+    near_duplicate_confirm: float = 0.0  # > 0: a pHash pair must also differ by at most this, pixel by pixel
     workers: int = 0              # processes for the image checks and features (0: all cores)
     mismatch: Mismatch = Mismatch()
 
@@ -166,6 +167,7 @@ class Base:
     steps: int = 300
     batch_size: int = 16
     lr: float = 2e-3
+    vision_lr: float = 2e-3       # the vision tower's own rate (0: left at its random initialisation)
     captions: str = "data/split/train.jsonl"  # whose captions it reads: the training split (ingest freezes it)
     corpus_captions: int = 2000   # at most this many of them for the tokenizer and the LM
     text_batch_size: int = 16     # training-split captions read text-only each step (0: none)
@@ -185,6 +187,7 @@ class Peft:
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ("all-linear",)
     adapt_vision: bool = True
+    adapt_patch_embedding: bool = False  # LoRA on the vision tower's patch-embedding convolution too
     keep_vision_16bit: bool = True
     frozen_fp32: bool = True       # qlora: frozen 16-bit weights cast to fp32 (PEFT's default); false keeps them 16-bit
     adapter_name: str = "default"

@@ -83,3 +83,24 @@ def test_scene_caption_follows_the_plan_not_the_image_size():
                 cover[plan[2][0].size].append(frac)
     assert cover["large"] and cover["small"]
     assert np.mean(cover["large"]) > 2 * np.mean(cover["small"])
+
+
+@pytest.mark.parametrize("vision_lr", [0.0, 1e-3])
+def test_vision_lr_moves_the_tower_at_its_own_rate(params, vision_lr):
+    """`base.vision_lr` is the vision tower's own rate: 0 leaves every tower weight at its initialisation
+    while the projector and the language model learn; a positive rate moves the tower too."""
+    import torch
+
+    cfg = dataclasses.replace(params.base, steps=3, batch_size=4, lr=2e-3, vision_lr=vision_lr)
+    torch.manual_seed(0)
+    model, processor = modelmod.build_builtin(params.model, ["a red circle on a grey ground."] * 20, 0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    groups = base.tower_groups(model, cfg)
+    assert [g["lr"] for g in groups] == ([cfg.lr, vision_lr] if vision_lr else [cfg.lr])
+    samples = base.generic_samples(8, 0, params.model.image_size, params.data.system_prompt)
+    base.pretrain(model, processor, samples, cfg)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    tower = {n for n in before if n.startswith(base.TOWER)}
+    assert tower and moved - tower  # the tower exists, and the projector / LM learned
+    assert any("multi_modal_projector" in n for n in moved)
+    assert (moved & tower == set()) == (vision_lr == 0)

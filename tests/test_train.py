@@ -80,6 +80,25 @@ def test_qlora_quantises_the_language_model_and_keeps_vision_16bit(params, tmp_p
     assert any(not torch.equal(t, before[n]) for n, t in state.model.named_parameters() if t.requires_grad)
 
 
+def test_patch_embedding_is_adapted_only_when_asked_and_merges(params, tmp_path, base_dir, records):
+    p = with_base(params, tmp_path, base_dir)
+    plain = train.setup(p, records[:8], [])
+    assert not any("patch_embedding" in n for n, t in plain.model.named_parameters() if t.requires_grad)
+    p = dataclasses.replace(p, train=dataclasses.replace(p.train, peft=dataclasses.replace(p.train.peft, adapt_patch_embedding=True)))
+    state = train.setup(p, records[:8], [])
+    conv = {n: t.detach().clone() for n, t in state.model.named_parameters() if "patch_embedding.lora_" in n}
+    assert conv and all(t.requires_grad for n, t in state.model.named_parameters() if n in conv)
+    vision = {id(q) for g in state.optimizer.param_groups if g["name"] == "vision" for q in g["params"]}
+    assert all(id(t) in vision for n, t in state.model.named_parameters() if n in conv)
+    before = next(m for n, m in state.model.named_modules() if n.endswith("patch_embedding.base_layer")).weight.clone()
+    for _ in range(2):
+        train.train_step(state, [records[:4]], p.train)
+    after = dict(state.model.named_parameters())
+    assert any(not torch.equal(after[n], t) for n, t in conv.items())  # the LoRA of the convolution learnt
+    merged = next(m for n, m in state.model.merge_and_unload().named_modules() if n.endswith("patch_embedding"))
+    assert isinstance(merged, torch.nn.Conv2d) and not torch.allclose(merged.weight, before)
+
+
 def test_bad_peft_settings_fail_before_any_work(params, tmp_path, base_dir, records):
     p = with_base(params, tmp_path, base_dir)
     bad = dataclasses.replace(p, train=dataclasses.replace(p.train, peft=dataclasses.replace(p.train.peft, target_modules=("nope_proj",))))
