@@ -234,9 +234,11 @@ def text_batch(rows: list[tuple[list[int], list[int]]], pad: int, device) -> dic
 
 def tower_groups(model, cfg: config.Base) -> list[dict]:
     """Optimizer groups: the vision tower at `cfg.vision_lr`, everything else (projector, language model) at
-    `cfg.lr`. Why: at the full rate the language loss rewards colour first, and within a few hundred steps
-    the tower's patch embedding is dominated by each patch's mean colour; LoRA can then no longer recover
-    fine structure (thin lines, small marks) in fine-tuning (README, *base*). `vision_lr: 0` freezes it."""
+    `cfg.lr`. Why: the captions reward colour first, and at the full rate the tower's patch embedding comes
+    to be dominated by each patch's mean colour, which LoRA on a frozen tower hardly undoes; a domain of
+    fine structure may want it slower (README, *base*). `vision_lr: 0` freezes it."""
+    if cfg.vision_lr == cfg.lr:  # one group, in the model's order: the same steps as before the param existed
+        return [{"params": list(model.parameters()), "lr": cfg.lr}]
     tower = [p for n, p in model.named_parameters() if n.startswith(TOWER)]
     rest = [p for n, p in model.named_parameters() if not n.startswith(TOWER)]
     for p in tower:

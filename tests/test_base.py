@@ -85,7 +85,7 @@ def test_scene_caption_follows_the_plan_not_the_image_size():
     assert np.mean(cover["large"]) > 2 * np.mean(cover["small"])
 
 
-@pytest.mark.parametrize("vision_lr", [0.0, 1e-3])
+@pytest.mark.parametrize("vision_lr", [0.0, 1e-3, 2e-3])
 def test_vision_lr_moves_the_tower_at_its_own_rate(params, vision_lr):
     """`base.vision_lr` is the vision tower's own rate: 0 leaves every tower weight at its initialisation
     while the projector and the language model learn; a positive rate moves the tower too."""
@@ -96,7 +96,9 @@ def test_vision_lr_moves_the_tower_at_its_own_rate(params, vision_lr):
     model, processor = modelmod.build_builtin(params.model, ["a red circle on a grey ground."] * 20, 0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     groups = base.tower_groups(model, cfg)
-    assert [g["lr"] for g in groups] == ([cfg.lr, vision_lr] if vision_lr else [cfg.lr])
+    assert [g["lr"] for g in groups] == ([cfg.lr, vision_lr] if vision_lr not in (0, cfg.lr) else [cfg.lr])
+    assert sum(len(g["params"]) for g in groups) == len(before) - (len([n for n in before if n.startswith(base.TOWER)])
+                                                                    if vision_lr == 0 else 0)
     samples = base.generic_samples(8, 0, params.model.image_size, params.data.system_prompt)
     base.pretrain(model, processor, samples, cfg)
     moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
