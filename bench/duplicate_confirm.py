@@ -7,7 +7,7 @@ its source, an exact copy) and which are two distinct pictures. Per candidate th
 near copies caught and the distinct pairs taken for copies (what the pHash alone takes: threshold none).
 Saves bench/results/duplicate_confirm.json.
 
-    python bench/duplicate_confirm.py [--seed 5] [--thresholds 0.008,0.01,0.012,0.015,0.02]
+    python bench/duplicate_confirm.py [--seed 5] [--thresholds 0.03,0.04,0.05,0.06,0.07,0.08,0.1]
 """
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ def make(domain: str, seed: int, out: Path) -> tuple[list[dict], dict[str, dict]
     return list(csv.DictReader(open(out / "manifest.csv"))), truth
 
 
-def score(rows: list[dict], truth: dict, root: Path, bits: int) -> dict:
+def score(rows: list[dict], truth: dict, root: Path, bits: int) -> tuple[dict, list[float], list[float]]:
+    """The pairs' summary, then the aligned differences of the copy pairs and of the distinct pairs."""
     ids, hashes, thumbs = [], [], []
     for r in rows:
         try:
@@ -67,7 +68,7 @@ def score(rows: list[dict], truth: dict, root: Path, bits: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seed", type=int, default=5)
-    ap.add_argument("--thresholds", default="0.008,0.01,0.012,0.015,0.02")
+    ap.add_argument("--thresholds", default="0.03,0.04,0.05,0.06,0.07,0.08,0.1")  # the saved run's
     args = ap.parse_args()
     bits = config.load(ROOT / "params.yaml").curate.near_duplicate_bits
     out = {"command": "python bench/duplicate_confirm.py " + " ".join(sys.argv[1:]), "seed": args.seed,

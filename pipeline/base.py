@@ -239,8 +239,9 @@ def tower_groups(model, cfg: config.Base) -> list[dict]:
     fine structure may want it slower (README, *base*). `vision_lr: 0` freezes it."""
     if cfg.vision_lr == cfg.lr:  # one group, in the model's order: the same steps as before the param existed
         return [{"params": list(model.parameters()), "lr": cfg.lr}]
-    tower = [p for n, p in model.named_parameters() if n.startswith(TOWER)]
-    rest = [p for n, p in model.named_parameters() if not n.startswith(TOWER)]
+    tower, rest = [], []
+    for n, p in model.named_parameters():
+        (tower if n.startswith(TOWER) else rest).append(p)
     for p in tower:
         p.requires_grad_(cfg.vision_lr > 0)
     return [{"params": rest, "lr": cfg.lr}] + ([{"params": tower, "lr": cfg.vision_lr}] if cfg.vision_lr > 0 else [])
