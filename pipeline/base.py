@@ -30,7 +30,8 @@ PALETTE = {"red": (200, 40, 45), "orange": (235, 130, 30), "yellow": (235, 210, 
            "brown": (120, 80, 45), "grey": (128, 128, 128), "white": (245, 245, 240), "black": (20, 20, 25)}
 GROUNDS = {"pale": (215, 212, 205), "dark": (55, 55, 60), "beige": (200, 180, 150), "sky-blue": (160, 190, 220),
            "olive": (120, 125, 80)}
-SHAPES = ("circle", "square", "triangle", "ring", "star", "cross", "bar", "blob")
+SHAPES = ("circle", "square", "triangle", "ring", "star", "cross", "bar", "blob")  # the default `base.shapes`
+LINES = ("line", "wavy line", "zigzag line", "branching line")  # drawn as strokes: thin or thick, no texture
 TEXTURES = ("plain", "dotted", "striped", "mottled", "speckled")
 SIZES = {"small": 0.09, "medium": 0.15, "large": 0.23}
 PLACES = {"top left": (0.28, 0.28), "top": (0.5, 0.25), "top right": (0.72, 0.28), "left": (0.25, 0.5),
@@ -51,9 +52,17 @@ class Thing:
     texture: str
     blurred: bool
     symmetric: bool
+    thick: bool = False  # lines only
 
 
-def plan_scene(rng: np.random.Generator) -> tuple[str, str, list[Thing], int, str]:
+def check_shapes(shapes: tuple[str, ...]) -> tuple[str, ...]:
+    unknown = [s for s in shapes if s not in SHAPES + LINES]
+    if unknown or not shapes:
+        raise InputError(f"base.shapes: unknown {unknown or 'empty list'} (choose from {list(SHAPES + LINES)})")
+    return shapes
+
+
+def plan_scene(rng: np.random.Generator, shapes: tuple[str, ...] = SHAPES) -> tuple[str, str, list[Thing], int, str]:
     """What one scene shows: ground, ground texture, 1-3 things at distinct places, and 0-6 scattered
     marks of one colour (counted). Pixels are drawn from this plan by `render_scene`."""
     ground = list(GROUNDS)[int(rng.integers(len(GROUNDS)))]
@@ -61,11 +70,14 @@ def plan_scene(rng: np.random.Generator) -> tuple[str, str, list[Thing], int, st
     places = rng.choice(len(PLACES), size=int(rng.integers(1, 4)), replace=False)
     things = []
     for k in places:
-        shape = SHAPES[int(rng.integers(len(SHAPES)))]
-        things.append(Thing(shape=shape, colour=list(PALETTE)[int(rng.integers(len(PALETTE)))],
-                            size=list(SIZES)[int(rng.integers(len(SIZES)))], place=list(PLACES)[int(k)],
-                            texture=TEXTURES[int(rng.integers(len(TEXTURES)))], blurred=bool(rng.integers(2)),
-                            symmetric=shape != "blob" or bool(rng.integers(2))))
+        shape = shapes[int(rng.integers(len(shapes)))]
+        thing = Thing(shape=shape, colour=list(PALETTE)[int(rng.integers(len(PALETTE)))],
+                      size=list(SIZES)[int(rng.integers(len(SIZES)))], place=list(PLACES)[int(k)],
+                      texture=TEXTURES[int(rng.integers(len(TEXTURES)))], blurred=bool(rng.integers(2)),
+                      symmetric=shape != "blob" or bool(rng.integers(2)))
+        if shape in LINES:  # a stroke: plain and sharp, thin or thick (the draws above keep the shapes' order)
+            thing = Thing(shape, thing.colour, thing.size, thing.place, "plain", False, True, bool(rng.integers(2)))
+        things.append(thing)
     marks = int(rng.integers(0, 7)) if rng.random() < 0.5 else 0
     mark_colour = list(PALETTE)[int(rng.integers(len(PALETTE)))]
     return ground, ground_texture, things, marks, mark_colour
@@ -75,6 +87,9 @@ def describe(ground: str, ground_texture: str, things: list[Thing], marks: int, 
     """The scene's caption, generic English: what, where, how big, its colour, texture and border."""
     parts = []
     for t in things:
+        if t.shape in LINES:
+            parts.append(f"a {t.size} {'thick' if t.thick else 'thin'} {t.colour} {t.shape} at the {t.place}")
+            continue
         texture = "" if t.texture == "plain" else f"{t.texture} "
         shape = t.shape if t.shape != "blob" else ("symmetric blob" if t.symmetric else "irregular blob")
         border = "blurred" if t.blurred else "sharp"
@@ -117,11 +132,37 @@ def _texture(rng: np.random.Generator, colour: np.ndarray, kind: str, size: int)
     return out
 
 
+def _stroke(rng: np.random.Generator, t: Thing, r: float, cx: float, cy: float, draw: ImageDraw.ImageDraw,
+            size: int) -> None:
+    """A line of half-length `r` through (cx, cy) at a random angle: straight, wavy (a sine across it),
+    zigzag (alternate corners) or branching (a straight stem with one side branch)."""
+    a = rng.uniform(0, np.pi)
+    along, across = np.array([np.cos(a), np.sin(a)]), np.array([-np.sin(a), np.cos(a)])
+    u = np.linspace(-1, 1, 24)
+    if t.shape == "wavy line":
+        off = 0.18 * np.sin(u * np.pi * rng.uniform(1.5, 2.5) + rng.uniform(0, 6.3))
+    elif t.shape == "zigzag line":
+        u = np.linspace(-1, 1, 7)
+        off = 0.15 * np.where(np.arange(7) % 2 == 0, 1.0, -1.0)
+    else:
+        off = np.zeros_like(u)
+    pts = [(cx + r * (p * along[0] + q * across[0]), cy + r * (p * along[1] + q * across[1])) for p, q in zip(u, off)]
+    width = max(1, round(size * (0.045 if t.thick else 0.02)))
+    draw.line(pts, fill=255, width=width)
+    if t.shape == "branching line":  # a side branch from a point of the stem, at 40-60 degrees
+        bx, by = pts[int(rng.integers(8, 16))]
+        b = a + rng.choice([-1, 1]) * rng.uniform(0.7, 1.05)
+        draw.line((bx, by, bx + 0.6 * r * np.cos(b), by + 0.6 * r * np.sin(b)), fill=255, width=width)
+
+
 def _shape_mask(rng: np.random.Generator, t: Thing, size: int) -> Image.Image:
     r = size * SIZES[t.size] * rng.uniform(0.9, 1.1)
     cx, cy = (np.array(PLACES[t.place]) + rng.uniform(-0.03, 0.03, 2)) * size
     mask = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(mask)
+    if t.shape in LINES:
+        _stroke(rng, t, r * 1.3, cx, cy, draw, size)
+        return mask
     box = (cx - r, cy - r, cx + r, cy + r)
     if t.shape == "circle":
         draw.ellipse(box, fill=255)
@@ -173,19 +214,19 @@ def render_scene(rng: np.random.Generator, plan: tuple, size: int) -> Image.Imag
     return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
 
 
-def draw_scene(rng: np.random.Generator, size: int) -> tuple[Image.Image, str]:
+def draw_scene(rng: np.random.Generator, size: int, shapes: tuple[str, ...] = SHAPES) -> tuple[Image.Image, str]:
     """One generic image and its caption. The plan (and so the caption) comes from `rng` alone; the
     pixels from a child generator, so a caption does not depend on the image size."""
-    plan = plan_scene(rng)
+    plan = plan_scene(rng, shapes)
     pixels = np.random.default_rng(rng.integers(2 ** 63))
     return render_scene(pixels, plan, size), describe(*plan)
 
 
-def generic_samples(n: int, seed: int, size: int, system_prompt: str) -> list[dict]:
+def generic_samples(n: int, seed: int, size: int, system_prompt: str, shapes: tuple[str, ...] = SHAPES) -> list[dict]:
     rng = np.random.default_rng([seed, 99])
     out = []
     for i in range(n):
-        img, caption = draw_scene(rng, size)
+        img, caption = draw_scene(rng, size, shapes)
         out.append({"id": f"scene-{i:05d}", "image": img, "messages": chat.messages(caption, PROMPT, system_prompt)})
     return out
 
@@ -204,7 +245,7 @@ def domain_captions(params: config.Params) -> list[str]:
 def corpus(params: config.Params, domain: list[str]) -> list[str]:
     """Text for the tokenizer: generic captions (drawn with TOKENIZER_SEED, on 8-px images: only the
     words matter), the training split's captions, the prompts."""
-    generic = generic_samples(params.base.images, TOKENIZER_SEED, 8, params.data.system_prompt)
+    generic = generic_samples(params.base.images, TOKENIZER_SEED, 8, params.data.system_prompt, params.base.shapes)
     prompts = [params.data.prompt, params.data.system_prompt, PROMPT]
     return [chat.answer(s["messages"]) for s in generic] + domain + prompts * 20
 
@@ -290,7 +331,8 @@ def main(params: config.Params, shape: str | None = None, out: str | None = None
     if params.model.base != modelmod.BUILTIN:
         return {"skipped": f"model.base is {params.model.base!r}: loaded as is by train"}
     torch.manual_seed(params.base.seed)
-    samples = generic_samples(params.base.images, params.base.seed, params.model.image_size, params.data.system_prompt)
+    samples = generic_samples(params.base.images, params.base.seed, params.model.image_size, params.data.system_prompt,
+                              check_shapes(params.base.shapes))
     domain = domain_captions(params)
     model, processor = modelmod.build_builtin(params.model, corpus(params, domain), params.base.seed)
     start = time.perf_counter()

@@ -171,6 +171,8 @@ class Base:
     captions: str = "data/split/train.jsonl"  # whose captions it reads: the training split (ingest freezes it)
     corpus_captions: int = 2000   # at most this many of them for the tokenizer and the LM
     text_batch_size: int = 16     # training-split captions read text-only each step (0: none)
+    shapes: tuple[str, ...] = ("circle", "square", "triangle", "ring", "star", "cross", "bar", "blob")  # the
+                                  # scenes' things; the lines (line, wavy line, zigzag line, branching line) too
 
 
 @dataclass(frozen=True)
@@ -188,6 +190,7 @@ class Peft:
     target_modules: tuple[str, ...] = ("all-linear",)
     adapt_vision: bool = True
     adapt_patch_embedding: bool = False  # LoRA on the vision tower's patch-embedding convolution too
+    full_vision: bool = False      # vision tower + projector trained in full (PEFT modules_to_save), not by LoRA
     keep_vision_16bit: bool = True
     frozen_fp32: bool = True       # qlora: frozen 16-bit weights cast to fp32 (PEFT's default); false keeps them 16-bit
     adapter_name: str = "default"
@@ -221,6 +224,18 @@ class Distributed:
 
 
 @dataclass(frozen=True)
+class Augment:
+    """Random changes to the training images (train only; off by default). None may change what the
+    caption says: flip only an axis that no caption names (a note that says "left side" forbids hflip)."""
+
+    shift: float = 0.0             # random translation of up to this share of the side (edges replicated)
+    brightness: float = 0.0        # add U(-b, b) to every pixel (pixels in [0, 1])
+    contrast: float = 0.0          # scale around the image's mean by U(1 - c, 1 + c)
+    hflip: bool = False            # mirror left-right with probability 0.5
+    vflip: bool = False            # mirror top-bottom with probability 0.5
+
+
+@dataclass(frozen=True)
 class Train:
     seed: int = 0
     epochs: int = 3
@@ -234,6 +249,7 @@ class Train:
     optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw"  # 8-bit: moments in 8 bits
     checkpoint_every: int = 20
     max_length: int = 256
+    augment: Augment = Augment()
     lr: Lr = Lr()
     peft: Peft = Peft()
     loss: Loss = Loss()

@@ -261,15 +261,31 @@ def apply_peft(model: nn.Module, cfg: Peft, adapter_name: str = "default"):
     elif cfg.method == "qlora":  # the same, less the cast of every frozen 16-bit weight to fp32 (2 bytes more each)
         for q in model.parameters():
             q.requires_grad_(False)
-    targets = target_modules(model, cfg.target_modules, cfg.adapt_vision)
-    if cfg.adapt_patch_embedding:  # the first layer that sees pixels: frozen, it keeps the base's notion of a patch
+    full = full_vision_modules(model, cfg)
+    targets = target_modules(model, cfg.target_modules, cfg.adapt_vision and not full)
+    if cfg.adapt_patch_embedding and not full:  # the first layer that sees pixels: frozen, it keeps the base's notion of a patch
         conv = patch_embedding(model)
         if not conv:
             raise InputError("train.peft.adapt_patch_embedding: this model has no vision patch_embedding convolution")
         targets += conv
     lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                      use_dora=cfg.method == "dora", bias="none")
+                      use_dora=cfg.method == "dora", bias="none", modules_to_save=full or None)
     return get_peft_model(model, lora, adapter_name=adapter_name)
+
+
+def full_vision_modules(model: nn.Module, cfg: Peft) -> list[str]:
+    """With `full_vision`: the vision tower and projector, trained in full as PEFT `modules_to_save` (a
+    trainable copy saved in the adapter; the base's own stays frozen, and `disable_adapter` still reads it).
+    A 4-bit vision tower cannot be trained in full: QLoRA needs `keep_vision_16bit`."""
+    if not cfg.full_vision:
+        return []
+    if cfg.method == "qlora" and not cfg.keep_vision_16bit:
+        raise InputError("train.peft.full_vision needs train.peft.keep_vision_16bit with qlora "
+                         "(a 4-bit vision tower cannot be trained in full)")
+    names = [n.split(".")[-1] for n in _vision_prefixes(model)]
+    if not names:
+        raise InputError("train.peft.full_vision: this model has no vision_tower / multi_modal_projector")
+    return sorted(set(names))
 
 
 class AlignmentHeads(nn.Module):

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from pipeline import audit, config, data as dataio, distributed, losses, model as modelmod, optim
 from pipeline.collate import Collator
@@ -126,6 +127,38 @@ def setup(params: config.Params, train: list[dict], val: list[dict]) -> State:
                  train, val, steps_per_epoch, total, device, wrapped)
 
 
+# --------------------------------------------------------------------------------- augmentation
+def augment(pixels: torch.Tensor, cfg: config.Augment, lo: float = -1.0, hi: float = 1.0) -> torch.Tensor:
+    """Random shift, brightness, contrast and flips, drawn per image from torch's global generator (saved in
+    every checkpoint, so a resumed run draws the same). `pixels`: (B, 3, S, S) after the processor's
+    normalisation, whose [lo, hi] is the pixel range [0, 1]."""
+    b, _, size, _ = pixels.shape
+    out = pixels
+    pad = int(cfg.shift * size)
+    if pad:  # each image cut from its own place of an edge-replicated frame
+        frame = F.pad(out, (pad, pad, pad, pad), mode="replicate")
+        at = torch.randint(0, 2 * pad + 1, (b, 2)).tolist()
+        out = torch.stack([frame[k, :, i : i + size, j : j + size] for k, (i, j) in enumerate(at)])
+    if cfg.contrast:
+        c = 1 + (2 * torch.rand(b, 1, 1, 1) - 1) * cfg.contrast  # (B, 1, 1, 1)
+        mean = out.mean(dim=(1, 2, 3), keepdim=True)
+        out = (out - mean) * c.to(out) + mean
+    if cfg.brightness:
+        out = out + (2 * torch.rand(b, 1, 1, 1) - 1).to(out) * cfg.brightness * (hi - lo)
+    for flip, dim in ((cfg.hflip, 3), (cfg.vflip, 2)):
+        if flip:
+            pick = (torch.rand(b) < 0.5).to(out.device)
+            out = torch.where(pick[:, None, None, None], out.flip(dim), out)
+    return out.clamp(lo, hi) if (cfg.contrast or cfg.brightness) else out
+
+
+def pixel_range(processor) -> tuple[float, float]:
+    """Where the pixel values 0 and 1 land after the image processor's normalisation (SigLIP's: -1, 1)."""
+    ip = processor.image_processor
+    mean, std = float(np.mean(ip.image_mean)), float(np.mean(ip.image_std))
+    return (0 - mean) / std, (1 - mean) / std
+
+
 # --------------------------------------------------------------------------------- step / evaluate
 def micro_batches(state: State, epoch: int, seed: int, batch_size: int) -> list[list[dict]]:
     """The epoch's batches, in a seeded order (the same on a resumed run)."""
@@ -141,6 +174,8 @@ def train_step(state: State, batches: list[list[dict]], t: config.Train) -> dict
     sums = dict.fromkeys(TERMS, 0.0)
     for i, mb in enumerate(batches):
         batch = modelmod.to_device(state.collator(distributed.shard(mb)), state.device)
+        if t.augment != config.Augment():
+            batch["pixel_values"] = augment(batch["pixel_values"], t.augment, *pixel_range(state.processor))
         with distributed.no_sync(state.wrapped, last=i == len(batches) - 1):
             terms = state.wrapped(batch, t.loss.text_grad, state.anchor)
             for name, value in distributed.mean_over_ranks(terms.as_floats()).items():
@@ -260,7 +295,8 @@ def load_checkpoint(state: State, path: Path, fp: str) -> dict | None:
 # ------------------------------------------------------------------------------------------ save
 def adapter_tensors(state: State) -> tuple[dict, dict]:
     """(PEFT state dict, heads) as full tensors: a collective under FSDP, so every rank calls it."""
-    peft_sd = {k: distributed.full(v).detach().cpu() for k, v in state.model.state_dict().items() if "lora_" in k}
+    peft_sd = {k: distributed.full(v).detach().cpu() for k, v in state.model.state_dict().items()
+               if "lora_" in k or ".modules_to_save." in k}  # LoRA, and the fully trained copies of full_vision
     heads = {f"heads.{k}": v.contiguous() for k, v in distributed.full_state(state.heads).items()}
     if state.loss_fn.log_scale is not None:
         heads["loss.log_scale"] = distributed.full(state.loss_fn.log_scale).detach().cpu().reshape(1)

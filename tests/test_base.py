@@ -85,6 +85,34 @@ def test_scene_caption_follows_the_plan_not_the_image_size():
     assert np.mean(cover["large"]) > 2 * np.mean(cover["small"])
 
 
+def test_lines_are_strokes_their_captions_say_thin_or_thick_and_the_default_scenes_hold_none():
+    import numpy as np
+
+    from pipeline.errors import InputError
+
+    rng = np.random.default_rng(1)
+    assert not any(t.shape in base.LINES for _ in range(200) for t in base.plan_scene(rng)[2])  # default: shapes only
+    rng = np.random.default_rng(2)
+    area = {True: [], False: []}
+    seen = set()
+    for _ in range(400):
+        plan = base.plan_scene(rng, base.LINES)
+        t = plan[2][0]
+        assert t.texture == "plain" and not t.blurred
+        seen.add(t.shape)
+        caption = base.describe(*plan)
+        assert f"a {t.size} {'thick' if t.thick else 'thin'} {t.colour} {t.shape} at the {t.place}" in caption
+        mask = np.asarray(base._shape_mask(np.random.default_rng(0), t, 96)) > 127
+        disc = base._shape_mask(np.random.default_rng(0), base.Thing("circle", t.colour, t.size, t.place, "plain",
+                                                                     False, True), 96)
+        assert 0 < mask.sum() < 0.5 * (np.asarray(disc) > 127).sum()  # a stroke, not a filled shape
+        area[t.thick].append(mask.sum())
+    assert seen == set(base.LINES)
+    assert np.mean(area[True]) > 1.8 * np.mean(area[False])  # thick lines are drawn thicker
+    with pytest.raises(InputError, match="base.shapes: unknown \\['hexagon'\\]"):
+        base.check_shapes(("circle", "hexagon"))
+
+
 @pytest.mark.parametrize("vision_lr", [0.0, 1e-3, 2e-3])
 def test_vision_lr_moves_the_tower_at_its_own_rate(params, vision_lr):
     """`base.vision_lr` is the vision tower's own rate: 0 leaves every tower weight at its initialisation

@@ -99,6 +99,49 @@ def test_patch_embedding_is_adapted_only_when_asked_and_merges(params, tmp_path,
     assert isinstance(merged, torch.nn.Conv2d) and not torch.allclose(merged.weight, before)
 
 
+def _peft(p, **kw):
+    return dataclasses.replace(p, train=dataclasses.replace(p.train, peft=dataclasses.replace(p.train.peft, **kw)))
+
+
+def test_full_vision_trains_the_tower_in_full_saves_loads_and_merges(params, tmp_path, base_dir, records):
+    p = _peft(with_base(params, tmp_path, base_dir), full_vision=True)
+    state = train.setup(p, records[:8], records[8:12])
+    trainable = {n for n, t in state.model.named_parameters() if t.requires_grad}
+    vision = {n for n in trainable if "vision_tower" in n or "multi_modal_projector" in n}
+    assert vision and all(".modules_to_save.default." in n for n in vision)  # full copies, no LoRA on vision
+    assert {n for n in trainable - vision} and all("lora_" in n and "language_model" in n for n in trainable - vision)
+    tower = sum(t.numel() for t in modelmod.backbone(state.model).model.vision_tower.original_module.parameters())
+    assert sum(t.numel() for n, t in state.model.named_parameters() if n in vision) > tower  # every weight + projector
+    in_vision_group = {id(q) for g in state.optimizer.param_groups if g["name"] == "vision" for q in g["params"]}
+    assert all(id(t) in in_vision_group for n, t in state.model.named_parameters() if n in vision)
+    frozen = {n: t.detach().clone() for n, t in state.model.named_parameters() if "original_module" in n}
+    for _ in range(2):
+        train.train_step(state, [records[:4]], p.train)
+    assert all(torch.equal(t, frozen[n]) for n, t in state.model.named_parameters() if n in frozen)  # the base's own
+    out = tmp_path / "adapter"
+    out.mkdir()
+    train.save_adapter(state, out, p)
+    saved = load_file(out / "adapter_model.safetensors")
+    assert any("vision_tower" in k and "patch_embedding" in k for k in saved)  # the whole tower travels
+    loaded = modelmod.load_adapter(out, p)
+    pv = state.collator(records[:2])["pixel_values"]
+    state.model.eval()
+    with torch.no_grad():
+        trained = modelmod.backbone(state.model).model.get_image_features(pv, return_dict=True).pooler_output
+        again = modelmod.backbone(loaded.model).model.get_image_features(pv, return_dict=True).pooler_output
+        with loaded.model.disable_adapter():  # what the monitor's fixed encoder reads: the base
+            base_feats = modelmod.backbone(loaded.model).model.get_image_features(pv, return_dict=True).pooler_output
+        merged = loaded.model.merge_and_unload().model.get_image_features(pv, return_dict=True).pooler_output
+    assert torch.allclose(trained, again, atol=1e-5) and torch.allclose(merged, trained, atol=1e-5)
+    assert not torch.allclose(base_feats, trained, atol=1e-3)
+
+
+def test_full_vision_refuses_a_4bit_tower(params, tmp_path, base_dir, records):
+    p = _peft(with_base(params, tmp_path, base_dir), full_vision=True, method="qlora", keep_vision_16bit=False)
+    with pytest.raises(InputError, match="full_vision needs train.peft.keep_vision_16bit"):
+        train.setup(p, records[:4], [])
+
+
 def test_bad_peft_settings_fail_before_any_work(params, tmp_path, base_dir, records):
     p = with_base(params, tmp_path, base_dir)
     bad = dataclasses.replace(p, train=dataclasses.replace(p.train, peft=dataclasses.replace(p.train.peft, target_modules=("nope_proj",))))
@@ -122,14 +165,16 @@ def _write_params(p, path):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["paths"] = dataclasses.asdict(p.paths)
     raw["train"].update(epochs=p.train.epochs, max_steps=p.train.max_steps, batch_size=p.train.batch_size,
-                        checkpoint_every=p.train.checkpoint_every, warmup_steps=p.train.warmup_steps)
+                        checkpoint_every=p.train.checkpoint_every, warmup_steps=p.train.warmup_steps,
+                        augment=dataclasses.asdict(p.train.augment))
     path.write_text(yaml.safe_dump(raw))
 
 
-def _prepare(params, root, base_dir, records):
+def _prepare(params, root, base_dir, records, augment=config.Augment()):
     from pipeline import data as dataio
 
     p = with_base(params, root, base_dir, max_steps=10, checkpoint_every=2, epochs=2)
+    p = dataclasses.replace(p, train=dataclasses.replace(p.train, augment=augment))
     (root / "split").mkdir()
     dataio.write_jsonl(root / "split" / "train.jsonl", records[:32])
     dataio.write_jsonl(root / "split" / "val.jsonl", records[32:36])
@@ -147,7 +192,9 @@ def test_killed_run_resumes_from_its_checkpoint_and_ends_the_same(params, tmp_pa
     a, b = tmp_path / "a", tmp_path / "b"
     for root in (a, b):
         root.mkdir()
-    env_a, env_b = _prepare(params, a, base_dir, records), _prepare(params, b, base_dir, records)
+    # with every augmentation on: its random draws must come back with the checkpoint too
+    aug = config.Augment(shift=0.1, brightness=0.1, contrast=0.1, hflip=True, vflip=True)
+    env_a, env_b = _prepare(params, a, base_dir, records, aug), _prepare(params, b, base_dir, records, aug)
     r = subprocess.run(_train_cmd(a), cwd=a, env=env_a, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     proc = subprocess.Popen(_train_cmd(b), cwd=b, env=env_b, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -184,6 +231,43 @@ def test_killed_run_resumes_from_its_checkpoint_and_ends_the_same(params, tmp_pa
     assert run.data.params["train.peft.method"] == "lora"
     arts = {f.path for f in client.list_artifacts(run.info.run_id)}
     assert {"preflight.json", "adapter", "train_steps.csv"} <= arts
+
+
+def test_augment_shifts_flips_and_jitters_each_image_on_its_own():
+    torch.manual_seed(0)
+    x = torch.rand(32, 3, 48, 48) * 2 - 1  # (B, 3, S, S) in SigLIP's [-1, 1]
+    assert torch.equal(train.augment(x, config.Augment()), x)  # all off: untouched
+    shifted = train.augment(x, config.Augment(shift=0.125))  # up to 6 px each way
+    offsets = []
+    for k in range(len(x)):  # each image is a translated copy of itself (compared away from the edges)
+        hits = [(i, j) for i in range(-6, 7) for j in range(-6, 7)
+                if torch.equal(shifted[k, :, 8:40, 8:40], x[k, :, 8 - i : 40 - i, 8 - j : 40 - j])]
+        assert len(hits) == 1, k
+        offsets.append(hits[0])
+    assert len(set(offsets)) > 10  # drawn per image, not once per batch
+    flipped = train.augment(x, config.Augment(vflip=True))
+    same = [torch.equal(flipped[k], x[k]) for k in range(len(x))]
+    mirrored = [torch.equal(flipped[k], x[k].flip(1)) for k in range(len(x))]
+    assert all(a != b for a, b in zip(same, mirrored)) and 5 < sum(mirrored) < 27  # top-bottom only, about half
+    jittered = train.augment(x, config.Augment(brightness=0.2, contrast=0.3), lo=-1.0, hi=1.0)
+    assert jittered.min() >= -1 and jittered.max() <= 1  # kept inside the pixel range
+    means = (jittered - x).mean(dim=(1, 2, 3))
+    assert means.std() > 0.05  # a brightness of its own per image
+
+
+def test_augment_runs_in_training_only(params, tmp_path, base_dir, records, monkeypatch):
+    aug = config.Augment(shift=0.1, brightness=0.1, contrast=0.1, vflip=True)
+    p = with_base(params, tmp_path, base_dir, epochs=1, max_steps=0)
+    p = dataclasses.replace(p, train=dataclasses.replace(p.train, augment=aug))
+    state = train.setup(p, records[:16], records[16:24])
+    seen = []
+    real = train.augment
+    monkeypatch.setattr(train, "augment", lambda px, cfg, lo, hi: seen.append((cfg, lo, hi)) or real(px, cfg, lo, hi))
+    row = train.train_step(state, [records[:4]], p.train)
+    assert all(torch.isfinite(torch.tensor(v)) for v in row.values())
+    assert seen == [(aug, -1.0, 1.0)]  # the processor's normalisation: pixels 0..1 are -1..1
+    train.validation_loss(state, records[16:24], 4)
+    assert len(seen) == 1  # validation reads the images as they are
 
 
 class _Payload:
