@@ -11,7 +11,7 @@ captions are never read. A Hugging Face id in `model.base` skips this stage.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +76,7 @@ def plan_scene(rng: np.random.Generator, shapes: tuple[str, ...] = SHAPES) -> tu
                       texture=TEXTURES[int(rng.integers(len(TEXTURES)))], blurred=bool(rng.integers(2)),
                       symmetric=shape != "blob" or bool(rng.integers(2)))
         if shape in LINES:  # a stroke: plain and sharp, thin or thick (the draws above keep the shapes' order)
-            thing = Thing(shape, thing.colour, thing.size, thing.place, "plain", False, True, bool(rng.integers(2)))
+            thing = replace(thing, texture="plain", blurred=False, symmetric=True, thick=bool(rng.integers(2)))
         things.append(thing)
     marks = int(rng.integers(0, 7)) if rng.random() < 0.5 else 0
     mark_colour = list(PALETTE)[int(rng.integers(len(PALETTE)))]
