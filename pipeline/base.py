@@ -56,6 +56,7 @@ class Thing:
 
 
 def check_shapes(shapes: tuple[str, ...]) -> tuple[str, ...]:
+    """`base.shapes` as given, or an error naming what is not a shape or line of the scenes."""
     unknown = [s for s in shapes if s not in SHAPES + LINES]
     if unknown or not shapes:
         raise InputError(f"base.shapes: unknown {unknown or 'empty list'} (choose from {list(SHAPES + LINES)})")

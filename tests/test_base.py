@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from pipeline import base, data as dataio, model as modelmod
+from pipeline import base, config, data as dataio, model as modelmod
 
 from conftest import tiny
 
@@ -108,6 +108,7 @@ def test_lines_are_strokes_their_captions_say_thin_or_thick_and_the_default_scen
         assert 0 < mask.sum() < 0.5 * (np.asarray(disc) > 127).sum()  # a stroke, not a filled shape
         area[t.thick].append(mask.sum())
     assert seen == set(base.LINES)
+    assert config.Base().shapes == base.SHAPES  # the params' default is the eight filled shapes
     assert np.mean(area[True]) > 1.8 * np.mean(area[False])  # thick lines are drawn thicker
     with pytest.raises(InputError, match="base.shapes: unknown \\['hexagon'\\]"):
         base.check_shapes(("circle", "hexagon"))

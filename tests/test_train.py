@@ -136,6 +136,18 @@ def test_full_vision_trains_the_tower_in_full_saves_loads_and_merges(params, tmp
     assert not torch.allclose(base_feats, trained, atol=1e-3)
 
 
+def test_full_vision_on_qlora_trains_the_16bit_tower_copy(params, tmp_path, base_dir, records):
+    """The nightly re-fine-tune is QLoRA (`ingest.method`): full_vision must train there too."""
+    p = _peft(with_base(params, tmp_path, base_dir), full_vision=True, method="qlora")
+    state = train.setup(p, records[:8], [])
+    copies = {n: t.detach().clone() for n, t in state.model.named_parameters() if ".modules_to_save." in n}
+    assert copies and all(t.dtype == torch.float32 for t in copies.values())
+    row = train.train_step(state, [records[:4]], p.train)
+    assert torch.isfinite(torch.tensor(row["loss/total"]))
+    after = dict(state.model.named_parameters())
+    assert any(not torch.equal(after[n], t) for n, t in copies.items())
+
+
 def test_full_vision_refuses_a_4bit_tower(params, tmp_path, base_dir, records):
     p = _peft(with_base(params, tmp_path, base_dir), full_vision=True, method="qlora", keep_vision_16bit=False)
     with pytest.raises(InputError, match="full_vision needs train.peft.keep_vision_16bit"):
