@@ -88,6 +88,11 @@ def one(domain: str, seed: int, work_root: Path, threads: int, resume: bool = Fa
     return out
 
 
+def mean_sd(values: list[float]) -> dict:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
 def summarise(runs: list[dict]) -> dict:
     keys = ("val_f1_macro", "test_f1_macro", "ignore_rate", "perceptual_score", "mismatch_auroc", "bias_gap",
             "bias_gap_upper", "recall_gap", "recall_gap_upper")
@@ -98,7 +103,7 @@ def summarise(runs: list[dict]) -> dict:
         for k in keys:
             vals = [r[k] for r in rs if r[k] is not None]
             if vals:
-                row[k] = {"mean": statistics.mean(vals), "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+                row[k] = mean_sd(vals)
         out[domain] = row
     return out
 

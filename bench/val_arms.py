@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import DOMAINS, ROOT, make_data  # noqa: E402
+from quality import DOMAINS, ROOT, make_data, mean_sd  # noqa: E402
 
 
 def run(cmd: list[str], cwd: Path, env: dict, log: Path) -> float:
@@ -75,10 +74,6 @@ def split_top(spec: str) -> list[str]:
         else:
             cur += ch
     return out + [cur] if cur else out
-
-
-def mean_sd(values: list[float]) -> dict:
-    return {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
 def summarise(arms: dict, results: list[dict]) -> dict:
