@@ -51,7 +51,7 @@ def prepare(d: dict, domain: str, seed: int, work: Path, env: dict, seeds: list[
     shared.mkdir(parents=True)
     e = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{shared}/mlflow.db"}
     seconds = {"data": run(make_data(domain, seed, shared, e), shared, e, shared / "data.log")}
-    for stage in ("curate", "split", "base"):
+    for stage in ("curate", "split", "base") if share_base else ("curate", "split"):  # no arm shares it: none made
         seconds[stage] = run([sys.executable, "-m", "pipeline", stage, "--params", str(d["params"]),
                               *[f"--set={o}" for o in seeds]], shared, e, shared / f"{stage}.log")
     (shared / "done").write_text(json.dumps(seconds))

@@ -190,6 +190,8 @@ def tiny_sizes(params: dict) -> dict:
     """Any params file (as a dict) with the model, detector, base, training and evaluation shrunk; no
     domain key touched."""
     params["model"]["image_size"] = 64
+    grid = 64 // params["model"].get("vision", {}).get("patch_size", 8)  # tokens_per_image kept unless it no longer fits
+    params["model"]["tokens_per_image"] = min(params["model"].get("tokens_per_image", 16), grid * grid)
     params["curate"]["mismatch"].update(epochs=2, folds=3, image_size=32)
     params["split"]["min_stratum"] = 4
     params["base"].update(steps=10, images=32, corpus_captions=200)

@@ -97,3 +97,43 @@ def test_unloadable_base_is_an_input_error(tmp_path):
 
     with pytest.raises(InputError, match="cannot load"):
         modelmod.load(str(tmp_path / "nothing-here"))
+
+
+def test_one_image_token_per_patch_when_tokens_per_image_fills_the_grid():
+    """tokens_per_image = the patch grid (64 = 8 x 8 patches of a 64-px image): the projector pools nothing,
+    so changing one patch's vision output changes exactly that patch's image token and no other (with 16
+    tokens, 2 x 2 patches are averaged into one token: the same change moves one token, shared by four)."""
+    import torch
+
+    from pipeline.config import ModelCfg
+
+    moved = {}
+    for tokens in (64, 16):
+        model, processor = modelmod.build_builtin(ModelCfg(image_size=64, tokens_per_image=tokens, vocab_size=400),
+                                                  ["a red circle on a grey ground"] * 20, seed=0)
+        projector = model.model.multi_modal_projector.eval()
+        torch.manual_seed(0)
+        with torch.no_grad():  # a fresh model's projection starts at zero (HF's init): any weights will do
+            projector.mm_input_projection_weight.normal_()
+        patches = torch.randn(1, 64, model.config.vision_config.hidden_size)
+        changed = patches.clone()
+        changed[0, 2 * 8 + 5] += 3.0  # the patch in row 2, column 5 of the 8 x 8 grid
+        with torch.no_grad():
+            a, b = projector(patches), projector(changed)
+        assert a.shape[1] == tokens and processor.image_seq_length == tokens
+        moved[tokens] = ((a - b).abs().amax(-1)[0] > 1e-4).nonzero().flatten().tolist()
+    assert moved[64] == [2 * 8 + 5]
+    assert moved[16] == [1 * 4 + 2]  # row 1, column 2 of the 4 x 4 token grid
+
+
+@pytest.mark.parametrize("size, tokens, message", [
+    (64, 36, r"tokens_per_image 36 does not pool the 8 x 8 patches .* one of \[1, 4, 16, 64\]"),
+    (64, 144, r"tokens_per_image 144 does not pool the 8 x 8"),
+    (60, 16, r"image_size 60 is not a multiple of model.vision.patch_size 8"),
+])
+def test_an_impossible_image_grid_is_an_input_error(size, tokens, message):
+    from pipeline.config import ModelCfg
+    from pipeline.errors import InputError
+
+    with pytest.raises(InputError, match=message):
+        modelmod.build_builtin(ModelCfg(image_size=size, tokens_per_image=tokens, vocab_size=400), ["a red circle"] * 5, 0)
