@@ -96,11 +96,10 @@ def check_image_grid(cfg: ModelCfg) -> None:
     """The projector average-pools the vision tower's grid of patches (image_size / patch_size a side) into
     a grid of tokens_per_image (sqrt of it a side): both must be whole and the second divide the first."""
     patch, size, tokens = cfg.vision.patch_size, cfg.image_size, cfg.tokens_per_image
-    side = round(tokens ** 0.5) if tokens > 0 else 0
-    grid = size // patch if patch > 0 else 0
     if patch <= 0 or size % patch:
         raise InputError(f"model: image_size {size} is not a multiple of model.vision.patch_size {patch}")
-    if side * side != tokens or side == 0 or grid % side:
+    grid, side = size // patch, round(tokens ** 0.5) if tokens > 0 else 0
+    if side == 0 or side * side != tokens or grid % side:
         divisors = [d * d for d in range(1, grid + 1) if grid % d == 0]
         raise InputError(f"model: tokens_per_image {tokens} does not pool the {grid} x {grid} patches of a "
                          f"{size}-pixel image (patch {patch}): one of {divisors}")
