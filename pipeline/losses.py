@@ -5,6 +5,7 @@ weights, the optional learnable temperature and the queue of recent text embeddi
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -28,12 +29,14 @@ def contrastive(
     tau: float | torch.Tensor = 0.07,
     groups: torch.Tensor | None = None,
     extra_text: torch.Tensor | None = None,
+    extra_pos: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE over a batch of L2-normalised (B, D) embeddings.
 
     With all captions distinct it equals open_clip's `ClipLoss` at logit_scale = 1/τ. `groups` (B,):
     equal ids are positives of each other (identical captions are not pushed apart), each row's target
-    being uniform over its positives. `extra_text` (Q, D): more negatives for the image->text direction.
+    being uniform over its positives. `extra_text` (Q, D): more captions for the image->text direction,
+    negatives unless `extra_pos` (B, Q, bool) marks one as the same caption as row b's: a positive too.
     """
     b = image_emb.shape[0]
     logits = image_emb @ text_emb.T / tau  # (B, B)
@@ -46,7 +49,11 @@ def contrastive(
     i2t_logits, i2t_targets = logits, targets
     if extra_text is not None and len(extra_text):
         i2t_logits = torch.cat([logits, image_emb @ extra_text.T / tau], dim=1)  # (B, B + Q)
-        i2t_targets = F.pad(targets, (0, extra_text.shape[0]))
+        if extra_pos is None:
+            i2t_targets = F.pad(targets, (0, extra_text.shape[0]))
+        else:
+            both = torch.cat([pos, extra_pos.to(device=pos.device, dtype=pos.dtype)], dim=1)
+            i2t_targets = both / both.sum(1, keepdim=True)
     return 0.5 * (_soft_ce(i2t_logits, i2t_targets) + _soft_ce(logits.T, targets.T))
 
 
@@ -62,6 +69,12 @@ def caption_groups(captions: list[str]) -> torch.Tensor:
     """(B,) ids, equal for identical captions."""
     ids: dict[str, int] = {}
     return torch.tensor([ids.setdefault(c.strip(), len(ids)) for c in captions])
+
+
+def caption_keys(captions: list[str]) -> torch.Tensor:
+    """(B,) int64 keys, equal for identical captions in any batch (a hash): what the queue remembers."""
+    return torch.tensor([int.from_bytes(hashlib.blake2b(c.strip().encode(), digest_size=8).digest(), "little",
+                                        signed=True) for c in captions], dtype=torch.long)
 
 
 @dataclass
@@ -92,19 +105,34 @@ class AlignmentLoss(nn.Module):
         self.register_buffer("fixed_log_scale", log_scale, persistent=False)
         self.queue_size = queue_size
         self.register_buffer("queue", torch.zeros(0, dim), persistent=False)
+        self.register_buffer("queue_keys", torch.zeros(0, dtype=torch.long), persistent=False)
 
     @property
     def tau(self) -> torch.Tensor:
         log_scale = self.log_scale if self.log_scale is not None else self.fixed_log_scale
         return 1 / log_scale.clamp(max=MAX_LOG_SCALE).exp()
 
-    def forward(self, image_emb, text_emb, ce: torch.Tensor, groups=None) -> Terms:
-        """(b, D) unit embeddings of this rank, its cross-entropy share, (B,) caption groups -> terms."""
+    def forward(self, image_emb, text_emb, ce: torch.Tensor, groups=None, keys=None) -> Terms:
+        """(b, D) unit embeddings of this rank, its cross-entropy share, (B,) caption groups and (B,)
+        caption keys (`caption_keys`) of the global batch -> terms.
+
+        With a queue, a queued caption identical to a row's own (its key; on a dataset of a few hundred
+        rows the queue soon holds the row's own caption from the epoch before) counts as a positive of
+        that row, not as a negative: identical captions are never pushed apart. Without `keys` every
+        queued caption is a negative.
+        """
         v, t = (distributed.gather(image_emb), distributed.gather(text_emb)) if self.gather else (image_emb, text_emb)
-        con = contrastive(v, t, self.tau, groups, self.queue if self.queue_size else None)
+        extra, extra_pos = (self.queue, None) if self.queue_size else (None, None)
+        if self.queue_size and keys is not None:
+            keys = keys.to(self.queue_keys.device)
+            known = len(self.queue_keys) == len(self.queue)
+            extra_pos = keys[:, None] == self.queue_keys[None, :] if known else None
+        con = contrastive(v, t, self.tau, groups, extra, extra_pos)
         # (b,) squared distances -> this rank's share of the batch mean (= mse() in one process)
         m = distributed.mean_share(((image_emb - text_emb.detach()) ** 2).sum(-1).sum(), image_emb.shape[0])
         if self.queue_size:
             self.queue = torch.cat([t.detach(), self.queue])[: self.queue_size]
+            if keys is not None:
+                self.queue_keys = torch.cat([keys, self.queue_keys])[: self.queue_size]
         total = self.w_con * con + self.w_ce * ce + self.w_mse * m
         return Terms(contrastive=con, ce=ce, mse=m, total=total)

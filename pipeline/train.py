@@ -59,7 +59,7 @@ def forward_terms(model, heads, loss_fn: losses.AlignmentLoss, batch: dict, text
     else:
         t = heads.embed_pooled(anchor(model, batch))  # (B, D)
     captions = distributed.gather_objects(batch["captions"]) if loss_fn.gather else batch["captions"]
-    return loss_fn(v, t, ce, groups=losses.caption_groups(captions))
+    return loss_fn(v, t, ce, groups=losses.caption_groups(captions), keys=losses.caption_keys(captions))
 
 
 class Objective(nn.Module):
@@ -247,7 +247,7 @@ def save_checkpoint(state: State, path: Path, fp: str, extra: dict) -> None:
     mid-write leaves the previous checkpoint intact."""
     blob = {"fingerprint": fp, "step": state.step, "model": trainable_state(state),
             "heads": distributed.full_state(state.heads), "loss_fn": distributed.full_state(state.loss_fn),
-            "queue": state.loss_fn.queue.cpu(), "optimizer": distributed.optimizer_state(state.wrapped, state.optimizer),
+            "queue": state.loss_fn.queue.cpu(), "queue_keys": state.loss_fn.queue_keys.cpu(), "optimizer": distributed.optimizer_state(state.wrapped, state.optimizer),
             "scheduler": state.scheduler.state_dict(), "history": state.history,
             "rng": distributed.gather_objects([rng_state()]), **extra}
     if distributed.rank() == 0:
@@ -285,6 +285,7 @@ def load_checkpoint(state: State, path: Path, fp: str) -> dict | None:
     distributed.load_full_state(state.heads, blob["heads"])
     distributed.load_full_state(state.loss_fn, blob["loss_fn"])
     state.loss_fn.queue = blob["queue"].to(state.device)
+    state.loss_fn.queue_keys = blob.get("queue_keys", torch.zeros(0, dtype=torch.long)).to(state.device)
     distributed.load_optimizer_state(state.wrapped, state.optimizer, blob["optimizer"])
     state.scheduler.load_state_dict(blob["scheduler"])
     state.step, state.history = blob["step"], blob["history"]

@@ -86,3 +86,34 @@ def test_queue_fills_to_its_size():
         img, txt = _pair(4, seed=s)
         loss(img, txt, torch.tensor(0.0, dtype=torch.float64))
     assert loss.queue.shape == (5, 32)
+
+
+def test_a_queued_copy_of_the_rows_own_caption_is_a_positive_not_a_negative():
+    # On a few hundred rows the queue soon holds a row's own caption from the epoch before, embedded by
+    # the text head of then: as a negative it would push the image away from its own caption. Reference: the same captions put in one batch, where
+    # `groups` makes identical captions positives of each other (checked against open_clip above).
+    img, txt = _pair(4, seed=3)
+    queued = F.normalize(torch.randn(3, 32, dtype=torch.float64), dim=-1)
+    queued[1] = F.normalize(txt[2] + 0.3 * queued[1], dim=0)  # row 2's own caption, embedded an epoch ago
+    caps, queued_caps = ["a", "b", "c", "d"], ["x", "c", "y"]
+    loss = losses.AlignmentLoss(1.0, 0.0, 0.0, queue_size=3, dim=32).double()
+    loss.queue, loss.queue_keys = queued, losses.caption_keys(queued_caps)
+    got = loss(img, txt, torch.tensor(0.0, dtype=torch.float64), groups=losses.caption_groups(caps),
+               keys=losses.caption_keys(caps)).contrastive
+    logits = img @ torch.cat([txt, queued]).T / 0.07
+    targets = torch.zeros(4, 7, dtype=torch.float64)
+    targets[torch.arange(4), torch.arange(4)] = 1
+    targets[2, 2], targets[2, 5] = 0.5, 0.5  # row 2: its caption in the batch and in the queue
+    i2t = -(targets * logits.log_softmax(1)).sum(1).mean()
+    t2i = F.cross_entropy((img @ txt.T / 0.07).T, torch.arange(4))
+    assert torch.allclose(got, (i2t + t2i) / 2)
+    as_negative = losses.contrastive(img, txt, extra_text=queued)  # the queue without keys: all negatives
+    assert not torch.allclose(got, as_negative)
+    # the queue remembers the batch's keys in front, in order, cut to its size
+    assert loss.queue_keys.tolist() == losses.caption_keys(caps)[:3].tolist()
+    assert torch.equal(loss.queue, txt[:3])
+
+
+def test_caption_keys_are_equal_for_identical_captions_only():
+    k = losses.caption_keys(["A dent.", " A dent. ", "A crack."])
+    assert k[0] == k[1] and k[0] != k[2] and k.dtype == torch.long
