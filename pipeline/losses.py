@@ -122,11 +122,12 @@ class AlignmentLoss(nn.Module):
         queued caption is a negative.
         """
         v, t = (distributed.gather(image_emb), distributed.gather(text_emb)) if self.gather else (image_emb, text_emb)
-        extra, extra_pos = (self.queue, None) if self.queue_size else (None, None)
-        if self.queue_size and keys is not None:
-            keys = keys.to(self.queue_keys.device)
-            known = len(self.queue_keys) == len(self.queue)
-            extra_pos = keys[:, None] == self.queue_keys[None, :] if known else None
+        extra = extra_pos = None
+        if self.queue_size:
+            extra = self.queue
+            keys = None if keys is None else keys.to(self.queue_keys.device)
+            if keys is not None and len(self.queue_keys) == len(self.queue):
+                extra_pos = keys[:, None] == self.queue_keys[None, :]
         con = contrastive(v, t, self.tau, groups, extra, extra_pos)
         # (b,) squared distances -> this rank's share of the batch mean (= mse() in one process)
         m = distributed.mean_share(((image_emb - text_emb.detach()) ** 2).sum(-1).sum(), image_emb.shape[0])
