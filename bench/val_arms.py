@@ -9,8 +9,10 @@ Every arm is evaluated on the **validation** split: its split folder's `test.jso
 split, so `evaluate`'s figures are validation figures and the test split is never read. `committed` is the
 arm with no overrides. A choice needs the mean over seeds: one seed's arm differs by ±0.1 on the parts
 from its base's rounding alone. Saves bench/results/val_arms_<domain>.json (or `--out`): per arm and seed,
-macro-F1, per-label F1, ignore rate and seconds, and per arm the mean ± sd over the seeds; earlier
-invocations' results are kept under `earlier`.
+macro-F1, per-label F1, ignore rate, seconds and the run's per-epoch validation answer cross-entropy
+(MLflow's `val/ce`: its last and lowest value), and per arm the mean ± sd over the seeds; earlier
+invocations' results are kept under `earlier`. `--collect` adds the `val/ce` figures to a saved file's runs
+from their work folders (files saved before they were recorded), training nothing.
 
     python bench/val_arms.py --domain parts --seeds 0,1,2 --jobs 3 \\
         --arm tokens36=model.tokens_per_image=36 --arm patch4=model.tokens_per_image=36,model.vision.patch_size=4
@@ -76,6 +78,19 @@ def split_top(spec: str) -> list[str]:
     return out + [cur] if cur else out
 
 
+def val_ce(folder: Path) -> dict | None:
+    """The training run's per-epoch `val/ce` in the folder's MLflow store: last value, lowest and its epoch."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db")
+    for run in client.search_runs([e.experiment_id for e in client.search_experiments()]):
+        hist = sorted(client.get_metric_history(run.info.run_id, "val/ce"), key=lambda m: m.step)
+        if hist:
+            low = min(range(len(hist)), key=lambda i: hist[i].value)
+            return {"last": hist[-1].value, "min": hist[low].value, "min_epoch": low + 1, "epochs": len(hist)}
+    return None
+
+
 def summarise(arms: dict, results: list[dict]) -> dict:
     """Per arm: its overrides, every seed's figures, and the mean ± sd of macro-F1 and ignore rate."""
     out = {}
@@ -96,7 +111,18 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--work", default=str(ROOT / "bench" / "work" / "val_arms"))
     ap.add_argument("--out", default=None, help="default: bench/results/val_arms_<domain>.json")
+    ap.add_argument("--collect", action="store_true",
+                    help="add val/ce to the --out file's runs from their work folders; train nothing")
     args = ap.parse_args()
+    if args.collect:
+        dst = Path(args.out)
+        saved = json.loads(dst.read_text())
+        for a in saved["arms"].values():
+            for r in a["runs"]:
+                r["val_ce"] = val_ce(Path(args.work) / saved["domain"] / f"seed{r['seed']}" / r["arm"])
+        dst.write_text(json.dumps(saved, indent=1) + "\n")
+        print(f"saved {dst}")
+        return
     arms = {name: split_top(spec) for name, spec in (a.split("=", 1) for a in args.arm)}
     if args.committed:
         arms = {"committed": [], **arms}
@@ -129,7 +155,7 @@ def main() -> None:
         m = json.loads((folder / d["reports"] / "metrics.json").read_text())
         out = {"arm": name, "seed": seed, "val_f1_macro": m["f1_macro"], "val_per_label_f1": m.get("f1_per_class"),
                "val_ignore_rate": m["image_reliance"]["ignore_rate"], "n_val": m["n"], "seconds": secs,
-               "shared_base": not needs_base(name)}
+               "shared_base": not needs_base(name), "val_ce": val_ce(folder)}
         print(json.dumps(out), flush=True)
         return out
 
