@@ -114,12 +114,14 @@ def main() -> None:
     ap.add_argument("--collect", action="store_true",
                     help="add val/ce to the --out file's runs from their work folders; train nothing")
     args = ap.parse_args()
+    work_of = lambda seed: Path(args.work) / args.domain / f"seed{seed}"  # noqa: E731
     if args.collect:
         dst = Path(args.out)
         saved = json.loads(dst.read_text())
+        args.domain = saved["domain"]
         for a in saved["arms"].values():
             for r in a["runs"]:
-                r["val_ce"] = val_ce(Path(args.work) / saved["domain"] / f"seed{r['seed']}" / r["arm"])
+                r["val_ce"] = val_ce(work_of(r["seed"]) / r["arm"])
         dst.write_text(json.dumps(saved, indent=1) + "\n")
         print(f"saved {dst}")
         return
@@ -132,7 +134,6 @@ def main() -> None:
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONHASHSEED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
     needs_base = lambda name: any(o.startswith(("model.", "base.")) for o in arms[name])  # noqa: E731
     share_base = any(not needs_base(a) for a in arms)
-    work_of = lambda seed: Path(args.work) / args.domain / f"seed{seed}"  # noqa: E731
     with ThreadPoolExecutor(max_workers=max(1, min(args.jobs, len(seed_list)))) as pool:
         shared_seconds = dict(zip(seed_list, pool.map(
             lambda s: prepare(d, args.domain, s, work_of(s), env, seed_overrides(s), share_base), seed_list)))
