@@ -91,6 +91,20 @@ def val_ce(folder: Path) -> dict | None:
     return None
 
 
+def seed_folder(work: Path, domain: str, seed: int) -> Path:
+    """Where one seed's shared data and its arms' runs live."""
+    return work / domain / f"seed{seed}"
+
+
+def collect(dst: Path, work: Path) -> None:
+    """Adds each run's `val/ce` to the saved file `dst` from the runs' folders under `work`; trains nothing."""
+    saved = json.loads(dst.read_text())
+    for a in saved["arms"].values():
+        for r in a["runs"]:
+            r["val_ce"] = val_ce(seed_folder(work, saved["domain"], r["seed"]) / r["arm"])
+    dst.write_text(json.dumps(saved, indent=1) + "\n")
+
+
 def summarise(arms: dict, results: list[dict]) -> dict:
     """Per arm: its overrides, every seed's figures, and the mean ± sd of macro-F1 and ignore rate."""
     out = {}
@@ -112,17 +126,11 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / "bench" / "work" / "val_arms"))
     ap.add_argument("--out", default=None, help="default: bench/results/val_arms_<domain>.json")
     ap.add_argument("--collect", action="store_true",
-                    help="add val/ce to the --out file's runs from their work folders; train nothing")
+                    help="add val/ce to the saved file's runs (--out or the default) from their work folders; train nothing")
     args = ap.parse_args()
-    work_of = lambda seed: Path(args.work) / args.domain / f"seed{seed}"  # noqa: E731
+    dst = Path(args.out) if args.out else ROOT / "bench" / "results" / f"val_arms_{args.domain}.json"
     if args.collect:
-        dst = Path(args.out)
-        saved = json.loads(dst.read_text())
-        args.domain = saved["domain"]
-        for a in saved["arms"].values():
-            for r in a["runs"]:
-                r["val_ce"] = val_ce(work_of(r["seed"]) / r["arm"])
-        dst.write_text(json.dumps(saved, indent=1) + "\n")
+        collect(dst, Path(args.work))
         print(f"saved {dst}")
         return
     arms = {name: split_top(spec) for name, spec in (a.split("=", 1) for a in args.arm)}
@@ -134,6 +142,7 @@ def main() -> None:
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONHASHSEED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
     needs_base = lambda name: any(o.startswith(("model.", "base.")) for o in arms[name])  # noqa: E731
     share_base = any(not needs_base(a) for a in arms)
+    work_of = lambda seed: seed_folder(Path(args.work), args.domain, seed)  # noqa: E731
     with ThreadPoolExecutor(max_workers=max(1, min(args.jobs, len(seed_list)))) as pool:
         shared_seconds = dict(zip(seed_list, pool.map(
             lambda s: prepare(d, args.domain, s, work_of(s), env, seed_overrides(s), share_base), seed_list)))
@@ -162,7 +171,6 @@ def main() -> None:
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         results = list(pool.map(one, [(s, a) for a in arms for s in seed_list]))
-    dst = Path(args.out) if args.out else ROOT / "bench" / "results" / f"val_arms_{args.domain}.json"
     earlier = json.loads(dst.read_text()) if dst.is_file() else {}
     out = {"command": " ".join(["python", "bench/val_arms.py", *sys.argv[1:]]), "domain": args.domain,
            "seeds": seed_list, "split_read": "validation only (each arm's test.jsonl is the validation split)",
