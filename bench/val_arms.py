@@ -79,9 +79,12 @@ def split_top(spec: str) -> list[str]:
 
 
 def val_ce(folder: Path) -> dict | None:
-    """The training run's per-epoch `val/ce` in the folder's MLflow store: last value, lowest and its epoch."""
+    """The training run's per-epoch `val/ce` in the folder's MLflow store: last value, lowest and its epoch
+    (None where the folder holds no store: none is created)."""
     import mlflow
 
+    if not (folder / "mlflow.db").is_file():
+        return None
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db")
     for run in client.search_runs([e.experiment_id for e in client.search_experiments()]):
         hist = sorted(client.get_metric_history(run.info.run_id, "val/ce"), key=lambda m: m.step)
@@ -97,11 +100,12 @@ def seed_folder(work: Path, domain: str, seed: int) -> Path:
 
 
 def collect(dst: Path, work: Path) -> None:
-    """Adds each run's `val/ce` to the saved file `dst` from the runs' folders under `work`; trains nothing."""
+    """Adds each run's `val/ce` to the saved file `dst` from the runs' folders under `work`; trains nothing.
+    A run whose folder is gone keeps the figure the file holds."""
     saved = json.loads(dst.read_text())
     for a in saved["arms"].values():
         for r in a["runs"]:
-            r["val_ce"] = val_ce(seed_folder(work, saved["domain"], r["seed"]) / r["arm"])
+            r["val_ce"] = val_ce(seed_folder(work, saved["domain"], r["seed"]) / r["arm"]) or r.get("val_ce")
     dst.write_text(json.dumps(saved, indent=1) + "\n")
 
 
