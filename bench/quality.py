@@ -29,8 +29,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOMAINS = {
-    "lesions": {"params": ROOT / "params.yaml", "split": "data/split", "curated": "data/curated", "reports": "reports"},
-    "parts": {"params": ROOT / "examples/parts/params.yaml", "split": "work/parts/split", "curated": "work/parts/curated", "reports": "work/parts/reports"},
+    "lesions": {"params": ROOT / "params.yaml", "split": "data/split", "curated": "data/curated", "reports": "reports",
+                "models": "models"},
+    "parts": {"params": ROOT / "examples/parts/params.yaml", "split": "work/parts/split", "curated": "work/parts/curated", "reports": "work/parts/reports",
+              "models": "work/parts/models"},
 }
 STAGES = ("curate", "split", "base", "train", "evaluate")
 
@@ -68,6 +70,7 @@ def one(domain: str, seed: int, work_root: Path, threads: int, resume: bool = Fa
             raise RuntimeError(f"{domain} seed {seed}: {stage} exited {r.returncode}: {r.stderr[-2000:]}")
     m = json.loads((work / d["reports"] / "metrics.json").read_text())
     cur = json.loads((work / d["curated"] / "report.json").read_text())
+    sel = json.loads((work / d["models"] / "train_metrics.json").read_text()).get("selection", {"metric": "last"})
     b = m.get("bias", {})
     positive = next((k for k in b if k.startswith("max_gap_recall_") and not k.endswith(("_ci", "_groups"))), None)
     out = {"domain": domain, "seed": seed,
@@ -81,6 +84,8 @@ def one(domain: str, seed: int, work_root: Path, threads: int, resume: bool = Fa
            "gates_passed": all(g["passed"] for g in m["gates"].values()),
            "failed_gates": [k for k, g in m["gates"].items() if not g["passed"]],
            "n_test": m["n"], "n_val": m["sets"]["val"]["n"], "seconds": seconds,
+           # train.select: the kept epoch, its validation macro-F1 (the figure it was chosen on) and the last check's
+           "selection": {k: sel.get(k) for k in ("metric", "every", "epoch", "f1_macro", "last_f1_macro")},
            "curate": {"accepted": cur.get("accepted"), "quarantined": cur.get("quarantined"), "reasons": cur.get("reasons"),
                       "mismatch": {k: cur.get("mismatch", {}).get(k) for k in ("model", "rule", "flagged")}}}
     (work / "result.json").write_text(json.dumps(out, indent=2) + "\n")

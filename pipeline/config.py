@@ -236,6 +236,15 @@ class Augment:
 
 
 @dataclass(frozen=True)
+class Select:
+    """Which weights the adapter keeps: the last epoch's, or the epoch whose greedy answers on the
+    validation split score the best `metric` (checked every `every` epochs and after the last one)."""
+
+    metric: Literal["last", "f1_macro"] = "last"
+    every: int = 5
+
+
+@dataclass(frozen=True)
 class Train:
     seed: int = 0
     epochs: int = 3
@@ -250,6 +259,7 @@ class Train:
     checkpoint_every: int = 20
     max_length: int = 256
     augment: Augment = Augment()
+    select: Select = Select()
     lr: Lr = Lr()
     peft: Peft = Peft()
     loss: Loss = Loss()

@@ -378,12 +378,12 @@ class Evaluator:
 
 
 # ------------------------------------------------------------------------------------------- runs
-def check_records(records: list[dict], labels: Sequence[str], name: str) -> None:
+def check_records(records: list[dict], labels: Sequence[str], name: str, who: str = "evaluate") -> None:
     if not records:
-        raise InputError(f"evaluate: evaluation set {name!r} is empty")
+        raise InputError(f"{who}: evaluation set {name!r} is empty")
     for i, r in enumerate(records):
         if r.get("label") not in labels:
-            raise InputError(f"evaluate: set {name!r} row {i} (id {r.get('id')}): label {r.get('label')!r} "
+            raise InputError(f"{who}: set {name!r} row {i} (id {r.get('id')}): label {r.get('label')!r} "
                              f"is not one the model was trained on {list(labels)}")
 
 

@@ -5,6 +5,10 @@ rank's RNG states and the data position are written atomically to `models/checkp
 and plain containers only, loaded with `weights_only=True`); a re-run with the same params and data
 resumes from it and ends with the same adapter as an uninterrupted run.
 
+Checkpoint choice (`train.select`): the adapter holds the last epoch's weights, or (`metric: f1_macro`)
+those of the epoch whose greedy answers on the validation split scored the best macro-F1, checked every
+`every` epochs and after the last; the best weights so far travel in the checkpoint.
+
 Data parallel (`train.distributed`): the same loop on every rank of a torchrun job, each rank reading its
 slice of every global micro-batch, the model wrapped in DDP or FSDP; rank 0 alone writes.
 """
@@ -25,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline import audit, config, data as dataio, distributed, losses, model as modelmod, optim
+from pipeline import audit, config, data as dataio, distributed, losses, model as modelmod, optim, scoring
 from pipeline.collate import Collator
 from pipeline.errors import CheckFailed, InputError
 
@@ -104,6 +108,8 @@ class State:
     anchor: modelmod.TextAnchor = field(default_factory=modelmod.TextAnchor)
     step: int = 0
     history: list[dict] = field(default_factory=list)
+    checks: list[dict] = field(default_factory=list)  # train.select: {epoch, step, f1_macro} per validation check
+    best: dict | None = None  # ... and the best check's weights (see `weights`)
 
 
 def setup(params: config.Params, train: list[dict], val: list[dict]) -> State:
@@ -207,12 +213,78 @@ def validation_loss(state: State, records: list[dict], batch_size: int) -> dict[
     return {f"val/{k}": v / max(n, 1) for k, v in sums.items()}
 
 
+# ------------------------------------------------------------------------------ checkpoint choice
+def validation_f1(state: State, params: config.Params) -> float:
+    """Macro-F1 of the greedy answers on the validation split with the weights as they are now, parsed as
+    `evaluate` parses them (`data.label_pattern`; an unparseable answer counts as wrong). Every rank
+    generates the whole split (the answers are the same on each): no collective inside generation."""
+    e, tok = params.evaluate, state.processor.tokenizer
+    side = tok.padding_side
+    tok.padding_side = "left"  # generation appends to the right end of every row
+    state.model.eval()
+    try:
+        with distributed.unsharded(state.wrapped):
+            ev = scoring.Evaluator(state.model, state.processor, state.heads, {}, state.device, e.max_new_tokens,
+                                   e.batch_size, params.data.label_pattern, tuple(params.data.labels))
+            pred = ev.predict(state.val)
+    finally:
+        tok.padding_side = side
+    return scoring.f1_macro([r["label"] for r in state.val], pred, params.data.labels)
+
+
+def weights(state: State) -> dict:
+    """A copy of everything the adapter saves (trainable tensors, heads, loss parameters); a collective
+    under FSDP, so every rank calls it."""
+    return {"model": trainable_state(state),
+            "heads": {k: v.clone() for k, v in distributed.full_state(state.heads).items()},
+            "loss_fn": {k: v.clone() for k, v in distributed.full_state(state.loss_fn).items()}}
+
+
+@torch.no_grad()
+def load_weights(state: State, w: dict) -> None:
+    named = dict(state.model.named_parameters())
+    for n, v in w["model"].items():
+        distributed.copy_full(named[n], v)
+    distributed.load_full_state(state.heads, w["heads"])
+    distributed.load_full_state(state.loss_fn, w["loss_fn"])
+
+
+def check_epoch(state: State, params: config.Params, epoch: int, tracker=None) -> None:
+    """After `epoch`: a validation check if `train.select` asks for one here and it is not on record (a
+    run resumed from a checkpoint written at the epoch's last step still makes it); the best weights kept."""
+    t = params.train
+    if t.select.metric == "last" or not state.val or any(c["epoch"] == epoch for c in state.checks):
+        return
+    done = state.step >= min((epoch + 1) * state.steps_per_epoch, state.total_steps)
+    last = state.step >= state.total_steps or epoch == t.epochs - 1
+    if not done or not (last or (epoch + 1) % t.select.every == 0):
+        return
+    f1 = distributed.mean_over_ranks({"f1": validation_f1(state, params)})["f1"]  # one decision on every rank
+    state.checks.append({"epoch": epoch, "step": state.step, "f1_macro": f1})
+    if tracker:
+        tracker.log_metrics({"val/f1_macro": f1}, state.step)
+    if state.best is None or f1 > state.best["f1_macro"]:  # ties keep the earlier epoch
+        state.best = {"epoch": epoch, "step": state.step, "f1_macro": f1, "weights": weights(state)}
+
+
+def selection(state: State, t: config.Train) -> dict:
+    """What `train.select` chose, for train_metrics.json: the kept epoch, and every check."""
+    if t.select.metric == "last" or state.best is None:
+        return {"metric": "last"}
+    return {"metric": t.select.metric, "every": t.select.every, "epoch": state.best["epoch"],
+            "step": state.best["step"], "f1_macro": state.best["f1_macro"],
+            "last_f1_macro": state.checks[-1]["f1_macro"], "checks": state.checks}
+
+
 # ---------------------------------------------------------------------------------- checkpoints
 def fingerprint(params: config.Params, train: list[dict]) -> str:
     """What a checkpoint is valid for: the train/model params, the number of processes and the
     training data (where the rendezvous is, or which node this is, does not matter)."""
     flat = {k: v for k, v in config.flatten(params.train).items() if not k.startswith("distributed.")}
     flat["distributed"] = [distributed.world_size(), params.train.distributed.strategy, params.train.distributed.gather]
+    if params.train.select.metric != "last":  # how the saved checks were scored
+        flat["select_scoring"] = [params.data.label_pattern, list(params.data.labels), params.evaluate.max_new_tokens,
+                                  params.evaluate.batch_size]
     h = hashlib.sha256(json.dumps({"train": flat, "model": config.flatten(params.model)},
                                   sort_keys=True, default=str).encode())
     for r in train:
@@ -249,6 +321,7 @@ def save_checkpoint(state: State, path: Path, fp: str, extra: dict) -> None:
             "heads": distributed.full_state(state.heads), "loss_fn": distributed.full_state(state.loss_fn),
             "queue": state.loss_fn.queue.cpu(), "queue_keys": state.loss_fn.queue_keys.cpu(), "optimizer": distributed.optimizer_state(state.wrapped, state.optimizer),
             "scheduler": state.scheduler.state_dict(), "history": state.history,
+            "checks": state.checks, "best": state.best,
             "rng": distributed.gather_objects([rng_state()]), **extra}
     if distributed.rank() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -289,6 +362,7 @@ def load_checkpoint(state: State, path: Path, fp: str) -> dict | None:
     distributed.load_optimizer_state(state.wrapped, state.optimizer, blob["optimizer"])
     state.scheduler.load_state_dict(blob["scheduler"])
     state.step, state.history = blob["step"], blob["history"]
+    state.checks, state.best = blob.get("checks", []), blob.get("best")
     set_rng_state(blob["rng"][distributed.rank()])
     return blob
 
@@ -351,6 +425,12 @@ def run(params: config.Params, train: list[dict], val: list[dict], tracker=None)
     t = params.train
     if not train:
         raise InputError("train: no training samples")
+    if t.select.metric != "last":
+        if t.select.every < 1:
+            raise InputError(f"params: train.select.every must be at least 1, got {t.select.every}")
+        if not val:
+            raise InputError(f"train: train.select.metric is {t.select.metric!r} but the validation split is empty")
+        scoring.check_records(val, params.data.labels, "val", "train.select")
     distributed.check(t.distributed, t.batch_size, distributed.world_size())
     state = setup(params, train, val)
     report = preflight(train + val, state.processor, params, state.model, state.collator)
@@ -392,13 +472,17 @@ def run(params: config.Params, train: list[dict], val: list[dict], tracker=None)
             val_loss = validation_loss(state, val, t.batch_size)
             if tracker:
                 tracker.log_metrics(val_loss, state.step)
+        check_epoch(state, params, epoch, tracker)
     bar.close()
+    chosen = selection(state, t)
+    if "epoch" in chosen:  # the adapter, the final validation loss and the saved tensors: the chosen epoch's
+        load_weights(state, state.best["weights"])
     metrics = {"steps": state.step, "seconds": round(time.perf_counter() - start, 2),
                "final": {k: v for k, v in state.history[-1].items() if k.startswith("loss/")} if state.history else {},
                "first": {k: v for k, v in state.history[0].items() if k.startswith("loss/")} if state.history else {},
                "val": validation_loss(state, val, t.batch_size) if val else {}, "preflight_passed": report["passed"],
                "mlflow_run_id": tracker.run_id if tracker else None,
-               "resumed_from_step": int(resumed["step"]) if resumed else None}
+               "resumed_from_step": int(resumed["step"]) if resumed else None, "selection": chosen}
     metrics["processes"] = distributed.world_size()
     metrics.update(modelmod.peak_memory())
     tensors = adapter_tensors(state)

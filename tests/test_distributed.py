@@ -105,6 +105,24 @@ def test_qlora_under_fsdp_gives_the_single_process_adapter(tmp_path, base_dir, r
     assert max_diff(adapter(one), adapter(two)) <= 1e-5
 
 
+def test_checkpoint_choice_under_fsdp_matches_the_single_process_run(tmp_path, base_dir, records):
+    """train.select on sharded parameters: each rank generates the validation split through the sharded
+    model, both ranks take the same decision, and the kept epoch's adapter is the single process's."""
+    import json
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    kw = dict(max_steps=12, select={"metric": "f1_macro", "every": 1})  # 4 steps an epoch: checks at 4, 8, 12
+    for root, sets in ((one, ["nproc_per_node=1"]),
+                       (two, ["nproc_per_node=2", "strategy=fsdp", f"rdzv_endpoint=127.0.0.1:{free_port()}"])):
+        run_ok(train_cmd(root, *sets), root, project(root, base_dir, records, **kw))
+    sel = [json.loads((r / "models" / "train_metrics.json").read_text())["selection"] for r in (one, two)]
+    assert [c["step"] for c in sel[0]["checks"]] == [4, 8, 12]
+    assert [(c["step"], round(c["f1_macro"], 6)) for c in sel[0]["checks"]] == \
+           [(c["step"], round(c["f1_macro"], 6)) for c in sel[1]["checks"]]
+    assert sel[0]["epoch"] == sel[1]["epoch"]
+    assert max_diff(adapter(one), adapter(two)) <= 1e-5
+
+
 def test_without_the_gather_each_rank_has_its_own_negatives_and_the_result_differs(runs):
     one, local = adapter(runs["one"][0]), adapter(runs["two_local"][0])
     assert max_diff(one, local) > 1e-4

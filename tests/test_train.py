@@ -178,15 +178,15 @@ def _write_params(p, path):
     raw["paths"] = dataclasses.asdict(p.paths)
     raw["train"].update(epochs=p.train.epochs, max_steps=p.train.max_steps, batch_size=p.train.batch_size,
                         checkpoint_every=p.train.checkpoint_every, warmup_steps=p.train.warmup_steps,
-                        augment=dataclasses.asdict(p.train.augment))
+                        augment=dataclasses.asdict(p.train.augment), select=dataclasses.asdict(p.train.select))
     path.write_text(yaml.safe_dump(raw))
 
 
-def _prepare(params, root, base_dir, records, augment=config.Augment()):
+def _prepare(params, root, base_dir, records, augment=config.Augment(), select=config.Select()):
     from pipeline import data as dataio
 
     p = with_base(params, root, base_dir, max_steps=10, checkpoint_every=2, epochs=2)
-    p = dataclasses.replace(p, train=dataclasses.replace(p.train, augment=augment))
+    p = dataclasses.replace(p, train=dataclasses.replace(p.train, augment=augment, select=select))
     (root / "split").mkdir()
     dataio.write_jsonl(root / "split" / "train.jsonl", records[:32])
     dataio.write_jsonl(root / "split" / "val.jsonl", records[32:36])
@@ -204,9 +204,11 @@ def test_killed_run_resumes_from_its_checkpoint_and_ends_the_same(params, tmp_pa
     a, b = tmp_path / "a", tmp_path / "b"
     for root in (a, b):
         root.mkdir()
-    # with every augmentation on: its random draws must come back with the checkpoint too
+    # with every augmentation on: its random draws must come back with the checkpoint too; and with the
+    # best validation epoch kept (checks after epoch 0, at step 8, and at step 10): the best weights too
     aug = config.Augment(shift=0.1, brightness=0.1, contrast=0.1, hflip=True, vflip=True)
-    env_a, env_b = _prepare(params, a, base_dir, records, aug), _prepare(params, b, base_dir, records, aug)
+    sel = config.Select(metric="f1_macro", every=1)
+    env_a, env_b = _prepare(params, a, base_dir, records, aug, sel), _prepare(params, b, base_dir, records, aug, sel)
     r = subprocess.run(_train_cmd(a), cwd=a, env=env_a, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     proc = subprocess.Popen(_train_cmd(b), cwd=b, env=env_b, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -221,6 +223,8 @@ def test_killed_run_resumes_from_its_checkpoint_and_ends_the_same(params, tmp_pa
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-6), k  # stated tolerance: 1e-6 absolute
+    sa, sb = (json.loads((r / "models" / "train_metrics.json").read_text())["selection"] for r in (a, b))
+    assert [c["step"] for c in sb["checks"]] == [8, 10] and (sa["epoch"], sa["f1_macro"]) == (sb["epoch"], sb["f1_macro"])
     import csv
 
     rows_a = list(csv.DictReader(open(a / "models" / "train_steps.csv")))
@@ -377,3 +381,69 @@ def test_a_run_capped_by_max_steps_stops_there_and_validates_once(params, tmp_pa
     client = mlflow.MlflowClient()
     history = client.get_metric_history(metrics["mlflow_run_id"], "val/total")
     assert [m.step for m in history] == [3]
+
+
+def _select(p, metric="f1_macro", every=1, **evaluate):
+    return dataclasses.replace(p, train=dataclasses.replace(p.train, select=config.Select(metric=metric, every=every)),
+                               evaluate=dataclasses.replace(p.evaluate, **evaluate))
+
+
+def test_select_saves_the_best_validation_epoch_and_records_every_check(params, tmp_path, base_dir, records,
+                                                                         monkeypatch):
+    """Checks after epochs 1, 3 and the last (4); the saved adapter holds the chosen epoch's tensors, a tie
+    keeps the earlier epoch, and the final validation loss is the chosen weights'."""
+    p = _select(_lr(with_base(params, tmp_path, base_dir, epochs=5, max_steps=0), 3e-3, 3e-3), every=2)
+    scores, seen = {1: 0.5, 3: 0.7, 4: 0.7}, {}
+
+    def scripted(state, params_):
+        epoch = state.step // state.steps_per_epoch - 1
+        seen[epoch] = {k: v.clone() for k, v in train.adapter_tensors(state)[0].items()}
+        return scores[epoch]
+
+    monkeypatch.setattr(train, "validation_f1", scripted)
+    metrics = train.run(p, records[:24], records[24:32])  # batch 4: 6 steps an epoch
+    assert sorted(seen) == [1, 3, 4]
+    sel = metrics["selection"]
+    assert (sel["epoch"], sel["step"], sel["f1_macro"], sel["last_f1_macro"]) == (3, 24, 0.7, 0.7)
+    assert [(c["epoch"], c["step"], c["f1_macro"]) for c in sel["checks"]] == [(1, 12, 0.5), (3, 24, 0.7), (4, 30, 0.7)]
+    saved = load_file(tmp_path / "models" / "adapter" / "adapter_model.safetensors")
+    chosen = {k.replace(".default", ""): v for k, v in seen[3].items()}
+    assert saved.keys() == chosen.keys()
+    assert all(torch.equal(saved[k], chosen[k]) for k in saved)
+    last = {k.replace(".default", ""): v for k, v in seen[4].items()}
+    assert any(not torch.equal(saved[k], last[k]) for k in saved)  # training went on after the chosen epoch
+    assert json.loads((tmp_path / "models" / "train_metrics.json").read_text())["selection"] == sel
+
+
+def test_select_scores_validation_as_evaluate_does(params, tmp_path, base_dir, records, monkeypatch):
+    """The in-training check generates what the saved adapter generates when `evaluate` loads it, and
+    scores it with scikit-learn's macro-F1."""
+    from sklearn.metrics import f1_score
+
+    from pipeline import chat, scoring
+
+    p = _select(_lr(with_base(params, tmp_path, base_dir, epochs=2, max_steps=0), 3e-3, 3e-3), max_new_tokens=24)
+    answers, real = [], scoring.Evaluator.generate
+    monkeypatch.setattr(scoring.Evaluator, "generate", lambda self, *a, **k: answers.append(real(self, *a, **k)) or answers[-1])
+    val = records[24:32]
+    metrics = train.run(p, records[:16], val)
+    sel = metrics["selection"]
+    assert [c["epoch"] for c in sel["checks"]] == [0, 1] and len(answers) == 2
+    ev = scoring.Evaluator.load(tmp_path / "models" / "adapter", p)
+    assert real(ev, val) == answers[sel["epoch"]]
+    pred = [chat.parse_label(a, p.data.label_pattern, p.data.labels) or "none" for a in answers[sel["epoch"]]]
+    assert sel["f1_macro"] == pytest.approx(f1_score([r["label"] for r in val], pred, labels=list(p.data.labels),
+                                                     average="macro", zero_division=0))
+
+
+def test_select_refuses_bad_settings_before_any_work(params, tmp_path, base_dir, records):
+    p = with_base(params, tmp_path, base_dir)
+    with pytest.raises(InputError, match="train.select.every must be at least 1"):
+        train.run(_select(p, every=0), records[:8], records[8:12])
+    with pytest.raises(InputError, match="validation split is empty"):
+        train.run(_select(p), records[:8], [])
+    bad = [dict(records[8], label="keloid")]
+    with pytest.raises(InputError, match="keloid"):
+        train.run(_select(p), records[:8], bad)
+    with pytest.raises(InputError, match="select.metric must be one of"):
+        config.load(ROOT / "params.yaml", ["train.select.metric=accuracy"])
