@@ -84,12 +84,29 @@ def one(domain: str, seed: int, work_root: Path, threads: int, resume: bool = Fa
            "gates_passed": all(g["passed"] for g in m["gates"].values()),
            "failed_gates": [k for k, g in m["gates"].items() if not g["passed"]],
            "n_test": m["n"], "n_val": m["sets"]["val"]["n"], "seconds": seconds,
+           # what a later run of the same seed must reproduce: the base's and the adapter's weights
+           "base_sha256": (work / d["models"] / "base" / "weights_sha256.txt").read_text().strip(),
+           "adapter_sha256": m["adapter_sha256"],
            # train.select: the kept epoch, its validation macro-F1 (the figure it was chosen on) and the last check's
            "selection": {k: sel.get(k) for k in ("metric", "every", "epoch", "f1_macro", "last_f1_macro")},
            "curate": {"accepted": cur.get("accepted"), "quarantined": cur.get("quarantined"), "reasons": cur.get("reasons"),
                       "mismatch": {k: cur.get("mismatch", {}).get(k) for k in ("model", "rule", "flagged")}}}
     (work / "result.json").write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out), flush=True)
+    return out
+
+
+def packages() -> dict[str, str]:
+    """The versions that decide the numbers (a run is reproducible to the bit on the same ones)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "torchvision", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "numpy",
+                 "pillow", "scikit-learn", "open_clip_torch"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
     return out
 
 
@@ -141,7 +158,7 @@ def main() -> None:
         print(domain, json.dumps({k: (f"{v['mean']:.3f} ± {v['sd']:.3f}" if isinstance(v, dict) else v)
                                   for k, v in row.items()}))
     result = {"command": "python bench/quality.py " + " ".join(sys.argv[1:]), "machine": platform.platform(),
-              "cpus": os.cpu_count(), "minutes": round((time.perf_counter() - start) / 60, 1),
+              "cpus": os.cpu_count(), "packages": packages(), "minutes": round((time.perf_counter() - start) / 60, 1),
               "summary": summary, "runs": runs}
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"saved {path}")

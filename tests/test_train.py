@@ -447,3 +447,31 @@ def test_select_refuses_bad_settings_before_any_work(params, tmp_path, base_dir,
         train.run(_select(p), records[:8], bad)
     with pytest.raises(InputError, match="select.metric must be one of"):
         config.load(ROOT / "params.yaml", ["train.select.metric=accuracy"])
+
+
+@pytest.mark.parametrize("full_vision", [False, True])
+def test_select_changes_which_epoch_is_kept_not_what_is_trained(params, tmp_path, base_dir, records, monkeypatch,
+                                                                full_vision):
+    """The checks draw nothing from the RNGs that training uses (LoRA dropout, augmentation) and leave the
+    model as they found it: with the checks on, the last epoch's weights are those of a run without them."""
+    aug = config.Augment(shift=0.1, brightness=0.1)
+    kw = dict(epochs=3, max_steps=0, peft=dataclasses.replace(params.train.peft, full_vision=full_vision))
+    a = _lr(with_base(params, tmp_path / "a", base_dir, **kw), 3e-3, 3e-3) if (tmp_path / "a").mkdir() is None else None
+    a = dataclasses.replace(a, train=dataclasses.replace(a.train, augment=aug))
+    train.run(a, records[:16], records[24:32])
+    plain = load_file(tmp_path / "a" / "models" / "adapter" / "adapter_model.safetensors")
+    (tmp_path / "b").mkdir()
+    b = _select(_lr(with_base(params, tmp_path / "b", base_dir, **kw), 3e-3, 3e-3), max_new_tokens=24)
+    b = dataclasses.replace(b, train=dataclasses.replace(b.train, augment=aug))
+    real = train.validation_f1
+
+    def spy(state, params_):  # the real check runs; its score is replaced by one that keeps the last epoch
+        real(state, params_)
+        return float(state.step)
+
+    monkeypatch.setattr(train, "validation_f1", spy)
+    metrics = train.run(b, records[:16], records[24:32])
+    assert [c["epoch"] for c in metrics["selection"]["checks"]] == [0, 1, 2] and metrics["selection"]["epoch"] == 2
+    kept = load_file(tmp_path / "b" / "models" / "adapter" / "adapter_model.safetensors")
+    assert plain.keys() == kept.keys()
+    assert all(torch.equal(plain[k], kept[k]) for k in plain), [k for k in plain if not torch.equal(plain[k], kept[k])][:5]
