@@ -97,7 +97,7 @@ def one(domain: str, seed: int, work_root: Path, threads: int, resume: bool = Fa
 
 
 def packages() -> dict[str, str]:
-    """The versions that decide the numbers (a run is reproducible to the bit on the same ones)."""
+    """The versions that decide the numbers: on the same ones, threads and machine a run should reproduce to the bit."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}

@@ -219,7 +219,8 @@ def validation_f1(state: State, params: config.Params) -> float:
     `evaluate` parses them (`data.label_pattern`; an unparseable answer counts as wrong). Every rank
     generates the whole split (the answers are the same on each): no collective inside generation."""
     e, tok = params.evaluate, state.processor.tokenizer
-    side = tok.padding_side
+    side, backend = tok.padding_side, getattr(tok, "_tokenizer", None)
+    padding = backend.padding if backend is not None else None  # a padded call leaves it set: saved with the processor
     tok.padding_side = "left"  # generation appends to the right end of every row
     state.model.eval()
     try:
@@ -229,6 +230,8 @@ def validation_f1(state: State, params: config.Params) -> float:
             pred = ev.predict(state.val)
     finally:
         tok.padding_side = side
+        if backend is not None:  # the adapter's processor is saved as it would be without the checks
+            backend.no_padding() if padding is None else backend.enable_padding(**padding)
     return scoring.f1_macro([r["label"] for r in state.val], pred, params.data.labels)
 
 

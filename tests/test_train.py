@@ -475,3 +475,11 @@ def test_select_changes_which_epoch_is_kept_not_what_is_trained(params, tmp_path
     kept = load_file(tmp_path / "b" / "models" / "adapter" / "adapter_model.safetensors")
     assert plain.keys() == kept.keys()
     assert all(torch.equal(plain[k], kept[k]) for k in plain), [k for k in plain if not torch.equal(plain[k], kept[k])][:5]
+    # ... and every file of the adapter folder, the processor's tokenizer (whose padding the generation sets)
+    # included; the files that name the base's path name each run's own
+    fa, fb = (sorted(p.name for p in (tmp_path / r / "models" / "adapter").iterdir()) for r in "ab")
+    assert fa == fb
+    for name in fa:
+        text_a = (tmp_path / "a" / "models" / "adapter" / name).read_bytes()
+        text_b = (tmp_path / "b" / "models" / "adapter" / name).read_bytes()
+        assert text_a.replace(str(tmp_path / "a").encode(), str(tmp_path / "b").encode()) == text_b, name
