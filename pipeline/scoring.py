@@ -8,6 +8,7 @@ stage and `promote` (which re-scores the champion on the challenger's sets) both
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -266,6 +267,22 @@ def failed_gates(g: dict) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------- the model
+@contextmanager
+def left_padding(tok):
+    """Padding on the left while generating (generation appends to the right end of every row); the
+    tokenizer's side and its backend's padding state as they were afterwards (a padded call leaves the
+    backend's set, and a processor saved later would carry it)."""
+    side, backend = tok.padding_side, getattr(tok, "_tokenizer", None)
+    padding = backend.padding if backend is not None else None
+    tok.padding_side = "left"
+    try:
+        yield
+    finally:
+        tok.padding_side = side
+        if backend is not None:
+            backend.no_padding() if padding is None else backend.enable_padding(**padding)
+
+
 @dataclass
 class Evaluator:
     """The base model with the adapter, its alignment heads and processor, ready to generate and embed."""
@@ -309,22 +326,23 @@ class Evaluator:
         eos = [tok.convert_tokens_to_ids("<end_of_turn>"), tok.eos_token_id]
         out: list[str] = []
         confidence: list[np.ndarray] = []
-        for i in range(0, len(records), self.batch_size):
-            chunk = records[i : i + self.batch_size]
-            prompts = [self.processor.apply_chat_template([m for m in r["messages"] if m["role"] != "assistant"],
-                                                          tokenize=False, add_generation_prompt=True) for r in chunk]
-            imgs = [[open_image(im)] for im in images[i : i + self.batch_size]]
-            enc = self.processor(text=prompts, images=imgs, return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = {k: v.to(self.device) for k, v in enc.items()}
-            with torch.no_grad():
-                gen = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                          eos_token_id=eos, pad_token_id=tok.pad_token_id,
-                                          output_scores=True, return_dict_in_generate=True)
-                step_lp = self.model.compute_transition_scores(gen.sequences, gen.scores, normalize_logits=True)
-            new = gen.sequences[:, enc["input_ids"].shape[1]:]
-            keep = (new != tok.pad_token_id).float()  # tokens after the end of an answer are padding
-            confidence.append(((step_lp.float() * keep).sum(1) / keep.sum(1).clamp(min=1)).cpu().numpy())
-            out += tok.batch_decode(new, skip_special_tokens=True)
+        with left_padding(tok):
+            for i in range(0, len(records), self.batch_size):
+                chunk = records[i : i + self.batch_size]
+                prompts = [self.processor.apply_chat_template([m for m in r["messages"] if m["role"] != "assistant"],
+                                                              tokenize=False, add_generation_prompt=True) for r in chunk]
+                imgs = [[open_image(im)] for im in images[i : i + self.batch_size]]
+                enc = self.processor(text=prompts, images=imgs, return_tensors="pt", padding=True, add_special_tokens=False)
+                enc = {k: v.to(self.device) for k, v in enc.items()}
+                with torch.no_grad():
+                    gen = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                              eos_token_id=eos, pad_token_id=tok.pad_token_id,
+                                              output_scores=True, return_dict_in_generate=True)
+                    step_lp = self.model.compute_transition_scores(gen.sequences, gen.scores, normalize_logits=True)
+                new = gen.sequences[:, enc["input_ids"].shape[1]:]
+                keep = (new != tok.pad_token_id).float()  # tokens after the end of an answer are padding
+                confidence.append(((step_lp.float() * keep).sum(1) / keep.sum(1).clamp(min=1)).cpu().numpy())
+                out += tok.batch_decode(new, skip_special_tokens=True)
         return [o.strip() for o in out], (np.concatenate(confidence) if confidence else np.zeros(0))
 
     def predict(self, records: list[dict], images: list | None = None) -> list[str | None]:

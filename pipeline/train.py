@@ -218,20 +218,12 @@ def validation_f1(state: State, params: config.Params) -> float:
     """Macro-F1 of the greedy answers on the validation split with the weights as they are now, parsed as
     `evaluate` parses them (`data.label_pattern`; an unparseable answer counts as wrong). Every rank
     generates the whole split (the answers are the same on each): no collective inside generation."""
-    e, tok = params.evaluate, state.processor.tokenizer
-    side, backend = tok.padding_side, getattr(tok, "_tokenizer", None)
-    padding = backend.padding if backend is not None else None  # a padded call leaves it set: saved with the processor
-    tok.padding_side = "left"  # generation appends to the right end of every row
+    e = params.evaluate
     state.model.eval()
-    try:
-        with distributed.unsharded(state.wrapped):
-            ev = scoring.Evaluator(state.model, state.processor, state.heads, {}, state.device, e.max_new_tokens,
-                                   e.batch_size, params.data.label_pattern, tuple(params.data.labels))
-            pred = ev.predict(state.val)
-    finally:
-        tok.padding_side = side
-        if backend is not None:  # the adapter's processor is saved as it would be without the checks
-            backend.no_padding() if padding is None else backend.enable_padding(**padding)
+    with distributed.unsharded(state.wrapped):
+        ev = scoring.Evaluator(state.model, state.processor, state.heads, {}, state.device, e.max_new_tokens,
+                               e.batch_size, params.data.label_pattern, tuple(params.data.labels))
+        pred = ev.predict(state.val)  # the tokenizer's padding as it was after: the processor is saved unchanged
     return scoring.f1_macro([r["label"] for r in state.val], pred, params.data.labels)
 
 
@@ -354,12 +346,7 @@ def load_checkpoint(state: State, path: Path, fp: str) -> dict | None:
     blob = read_checkpoint(path)
     if blob.get("fingerprint") != fp:
         return None
-    named = dict(state.model.named_parameters())
-    with torch.no_grad():
-        for n, v in blob["model"].items():
-            distributed.copy_full(named[n], v)
-    distributed.load_full_state(state.heads, blob["heads"])
-    distributed.load_full_state(state.loss_fn, blob["loss_fn"])
+    load_weights(state, blob)
     state.loss_fn.queue = blob["queue"].to(state.device)
     state.loss_fn.queue_keys = blob.get("queue_keys", torch.zeros(0, dtype=torch.long)).to(state.device)
     distributed.load_optimizer_state(state.wrapped, state.optimizer, blob["optimizer"])
