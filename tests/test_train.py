@@ -456,11 +456,12 @@ def test_select_changes_which_epoch_is_kept_not_what_is_trained(params, tmp_path
     model as they found it: with the checks on, the last epoch's weights are those of a run without them."""
     aug = config.Augment(shift=0.1, brightness=0.1)
     kw = dict(epochs=3, max_steps=0, peft=dataclasses.replace(params.train.peft, full_vision=full_vision))
-    a = _lr(with_base(params, tmp_path / "a", base_dir, **kw), 3e-3, 3e-3) if (tmp_path / "a").mkdir() is None else None
+    for root in ("a", "b"):
+        (tmp_path / root).mkdir()
+    a = _lr(with_base(params, tmp_path / "a", base_dir, **kw), 3e-3, 3e-3)
     a = dataclasses.replace(a, train=dataclasses.replace(a.train, augment=aug))
     train.run(a, records[:16], records[24:32])
     plain = load_file(tmp_path / "a" / "models" / "adapter" / "adapter_model.safetensors")
-    (tmp_path / "b").mkdir()
     b = _select(_lr(with_base(params, tmp_path / "b", base_dir, **kw), 3e-3, 3e-3), max_new_tokens=24)
     b = dataclasses.replace(b, train=dataclasses.replace(b.train, augment=aug))
     real = train.validation_f1
