@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import DOMAINS, ROOT, make_data, mean_sd  # noqa: E402
+from quality import DOMAINS, ROOT, make_data, mean_sd, packages  # noqa: E402
 
 
 def run(cmd: list[str], cwd: Path, env: dict, log: Path) -> float:
@@ -167,9 +167,14 @@ def main() -> None:
             secs[stage] = run([sys.executable, "-m", "pipeline", stage, "--params", str(d["params"]),
                                *[f"--set={o}" for o in seed_overrides(seed) + arms[name]]], folder, e, folder / f"{stage}.log")
         m = json.loads((folder / d["reports"] / "metrics.json").read_text())
+        sel = json.loads((folder / d["models"] / "train_metrics.json").read_text()).get("selection", {"metric": "last"})
         out = {"arm": name, "seed": seed, "val_f1_macro": m["f1_macro"], "val_per_label_f1": m.get("f1_per_class"),
                "val_ignore_rate": m["image_reliance"]["ignore_rate"], "n_val": m["n"], "seconds": secs,
-               "shared_base": not needs_base(name), "val_ce": val_ce(folder)}
+               "shared_base": not needs_base(name), "val_ce": val_ce(folder),
+               # what a later run of the same seed and arm must reproduce (as bench/quality.py records)
+               "base_sha256": (folder / d["models"] / "base" / "weights_sha256.txt").read_text().strip(),
+               "adapter_sha256": m.get("adapter_sha256"),
+               "selection": {k: sel.get(k) for k in ("metric", "epoch", "f1_macro", "last_f1_macro")}}
         print(json.dumps(out), flush=True)
         return out
 
@@ -177,7 +182,7 @@ def main() -> None:
         results = list(pool.map(one, [(s, a) for a in arms for s in seed_list]))
     earlier = json.loads(dst.read_text()) if dst.is_file() else {}
     out = {"command": " ".join(["python", "bench/val_arms.py", *sys.argv[1:]]), "domain": args.domain,
-           "seeds": seed_list, "split_read": "validation only (each arm's test.jsonl is the validation split)",
+           "seeds": seed_list, "packages": packages(), "split_read": "validation only (each arm's test.jsonl is the validation split)",
            "shared_seconds": shared_seconds, "arms": summarise(arms, results)}
     if earlier:  # earlier invocations: kept, for the record
         out["earlier"] = [{k: v for k, v in earlier.items() if k not in ("earlier", "earlier_data")}] + \
