@@ -134,7 +134,7 @@ def main() -> None:
     args = ap.parse_args()
     dst = Path(args.out) if args.out else ROOT / "bench" / "results" / f"val_arms_{args.domain}.json"
     if args.collect:
-        collect(dst, Path(args.work))
+        collect(dst, Path(args.work).resolve())
         print(f"saved {dst}")
         return
     arms = {name: split_top(spec) for name, spec in (a.split("=", 1) for a in args.arm)}
@@ -146,7 +146,7 @@ def main() -> None:
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONHASHSEED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
     needs_base = lambda name: any(o.startswith(("model.", "base.")) for o in arms[name])  # noqa: E731
     share_base = any(not needs_base(a) for a in arms)
-    work_of = lambda seed: seed_folder(Path(args.work), args.domain, seed)  # noqa: E731
+    work_of = lambda seed: seed_folder(Path(args.work).resolve(), args.domain, seed)  # noqa: E731
     with ThreadPoolExecutor(max_workers=max(1, min(args.jobs, len(seed_list)))) as pool:
         shared_seconds = dict(zip(seed_list, pool.map(
             lambda s: prepare(d, args.domain, s, work_of(s), env, seed_overrides(s), share_base), seed_list)))
