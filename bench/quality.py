@@ -83,6 +83,8 @@ def reuse(trained: dict, domain: str, seed: int, work: Path) -> dict:
     shutil.copyfile(src / "shared" / d["split"] / "test.jsonl", work / d["split"] / "test.jsonl")
     if (work / d["models"] / "base" / "weights_sha256.txt").read_text().strip() != run.get("base_sha256"):
         raise SystemExit(f"--trained: seed {seed}'s base in {src} is not the one {trained['spec']} recorded")
+    if json.loads((work / d["reports"] / "metrics.json").read_text()).get("adapter_sha256") != run.get("adapter_sha256"):
+        raise SystemExit(f"--trained: seed {seed}'s adapter in {src} is not the one {trained['spec']} recorded")
     return {**trained["shared_seconds"][str(seed)], **{k: v for k, v in run["seconds"].items() if k != "evaluate"}}
 
 
@@ -112,7 +114,7 @@ def one(domain: str, seed: int, work_root: Path, threads: int, resume: bool = Fa
         if r.returncode not in (0, 1) or (r.returncode == 1 and stage != "evaluate"):
             raise RuntimeError(f"{domain} seed {seed}: {stage} exited {r.returncode}: {r.stderr[-2000:]}")
     m = json.loads((work / d["reports"] / "metrics.json").read_text())
-    if trained and m["adapter_sha256"] != trained["runs"][seed].get("adapter_sha256"):
+    if trained and m["adapter_sha256"] != trained["runs"][seed].get("adapter_sha256"):  # the one evaluate loaded
         raise SystemExit(f"--trained: seed {seed}'s adapter is not the one {trained['spec']} recorded")
     cur = json.loads((work / d["curated"] / "report.json").read_text())
     sel = json.loads((work / d["models"] / "train_metrics.json").read_text()).get("selection", {"metric": "last"})
