@@ -50,6 +50,11 @@ def make_data(domain: str, seed: int, work: Path, env: dict) -> list[str]:
     return [sys.executable, str(ROOT / "examples/parts/generate.py"), "--out", "work/parts/raw", "--seed", str(seed)]
 
 
+def seed_folder(work: Path, domain: str, seed: int) -> Path:
+    """Where bench/val_arms.py keeps one seed's shared data and its arms' runs."""
+    return work / domain / f"seed{seed}"
+
+
 def adopted_arm(spec: str, domain: str) -> dict:
     """`RESULTS:ARM` of bench/val_arms.py, checked: its domain, and every override equal to the params file's value."""
     import yaml
@@ -76,7 +81,7 @@ def adopted_arm(spec: str, domain: str) -> dict:
 def reuse(trained: dict, domain: str, seed: int, work: Path) -> dict:
     """Copy the adopted arm's run of this seed into `work`, its test split put back; the seconds it took."""
     d, run = DOMAINS[domain], trained["runs"].get(seed)
-    src = trained["work"] / domain / f"seed{seed}"
+    src = seed_folder(trained["work"], domain, seed)
     if run is None or not (src / trained["arm"]).is_dir():
         raise SystemExit(f"--trained {trained['spec']}: no run of seed {seed} in {src}")
     shutil.copytree(src / trained["arm"], work, symlinks=True, ignore=shutil.ignore_patterns("*.log"))

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import DOMAINS, ROOT, make_data, mean_sd, packages  # noqa: E402
+from quality import DOMAINS, ROOT, make_data, mean_sd, packages, seed_folder  # noqa: E402
 
 
 def run(cmd: list[str], cwd: Path, env: dict, log: Path) -> float:
@@ -92,11 +92,6 @@ def val_ce(folder: Path) -> dict | None:
             low = min(range(len(hist)), key=lambda i: hist[i].value)
             return {"last": hist[-1].value, "min": hist[low].value, "min_epoch": low + 1, "epochs": len(hist)}
     return None
-
-
-def seed_folder(work: Path, domain: str, seed: int) -> Path:
-    """Where one seed's shared data and its arms' runs live."""
-    return work / domain / f"seed{seed}"
 
 
 def collect(dst: Path, work: Path) -> None:
