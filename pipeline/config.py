@@ -253,6 +253,8 @@ class Train:
     grad_accum: int = 1
     warmup_steps: int = 10
     max_grad_norm: float = 1.0
+    ema: float = 0.0               # > 0: the adapter keeps an exponential moving average of the trainable weights
+                                   # with this decay (torch's AveragedModel EMA); validation and saving use it
     grad_checkpointing: Literal[False, True, "vision", "text"] = False  # true: both towers
     ce_chunk: int = 0              # > 0: fused linear cross-entropy over this many answer tokens at a time
     optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw"  # 8-bit: moments in 8 bits

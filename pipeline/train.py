@@ -9,6 +9,12 @@ Checkpoint choice (`train.select`): the adapter holds the last epoch's weights, 
 those of the epoch whose greedy answers on the validation split scored the best macro-F1, checked every
 `every` epochs and after the last; the best weights so far travel in the checkpoint.
 
+Weight averaging (`train.ema` > 0): after every optimizer step an exponential moving average of the
+trainable tensors is updated (the first step's weights, then `ema * average + (1 - ema) * weights`, as
+torch's `AveragedModel` with `get_ema_multi_avg_fn`), kept in float32 and in the checkpoint. The
+validation loss, the `train.select` checks and the saved adapter all use the average, not the last step's
+weights.
+
 Data parallel (`train.distributed`): the same loop on every rank of a torchrun job, each rank reading its
 slice of every global micro-batch, the model wrapped in DDP or FSDP; rank 0 alone writes.
 """
@@ -21,6 +27,7 @@ import math
 import os
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,6 +117,7 @@ class State:
     history: list[dict] = field(default_factory=list)
     checks: list[dict] = field(default_factory=list)  # train.select: {epoch, step, f1_macro} per validation check
     best: dict | None = None  # ... and the best check's weights (see `weights`)
+    ema: dict | None = None  # train.ema: the moving average of every trainable tensor (see `update_ema`)
 
 
 def setup(params: config.Params, train: list[dict], val: list[dict]) -> State:
@@ -129,8 +137,51 @@ def setup(params: config.Params, train: list[dict], val: list[dict]) -> State:
     steps_per_epoch = max(1, len(train) // (t.batch_size * t.grad_accum))
     total = steps_per_epoch * t.epochs if not t.max_steps else min(t.max_steps, steps_per_epoch * t.epochs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, optim.schedule(t.warmup_steps, total))
-    return State(model, processor, heads, loss_fn, optimizer, scheduler, Collator(processor, t.max_length),
-                 train, val, steps_per_epoch, total, device, wrapped)
+    state = State(model, processor, heads, loss_fn, optimizer, scheduler, Collator(processor, t.max_length),
+                  train, val, steps_per_epoch, total, device, wrapped)
+    if t.ema:
+        state.ema = {n: p.detach().float().clone() for n, p in trainable(state)}
+    return state
+
+
+# ------------------------------------------------------------------------------ weight averaging
+def trainable(state: State) -> list[tuple[str, torch.Tensor]]:
+    """Every trainable tensor (this rank's shard of it under FSDP) by a name unique across the model,
+    the alignment heads and the loss."""
+    return [(f"{part}.{n}", p) for part, module in (("model", state.model), ("heads", state.heads),
+                                                     ("loss_fn", state.loss_fn))
+            for n, p in module.named_parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def update_ema(state: State, decay: float) -> None:
+    """After optimizer step `state.step`: the average takes the first step's weights, then moves
+    `1 - decay` of the way towards the current ones (AveragedModel's EMA)."""
+    for n, p in trainable(state):
+        if state.step <= 1:
+            state.ema[n].copy_(p.detach())
+        else:
+            state.ema[n].lerp_(p.detach().float(), 1 - decay)
+
+
+@contextmanager
+def averaged(state: State):
+    """The moving average in place of the trainable weights for the block (nothing without `train.ema`);
+    the live weights come back after it."""
+    if state.ema is None:
+        yield
+        return
+    params = trainable(state)
+    live = [p.detach().clone() for _, p in params]
+    with torch.no_grad():
+        for n, p in params:
+            p.copy_(state.ema[n])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for (_, p), value in zip(params, live):
+                p.copy_(value)
 
 
 # --------------------------------------------------------------------------------- augmentation
@@ -196,6 +247,8 @@ def train_step(state: State, batches: list[list[dict]], t: config.Train) -> dict
     lrs = {f"lr/{g['name']}": g["lr"] for g in state.optimizer.param_groups}
     state.scheduler.step()
     state.step += 1
+    if state.ema is not None:
+        update_ema(state, t.ema)
     return {**{f"loss/{k}": v for k, v in sums.items()}, **lrs}
 
 
@@ -254,12 +307,13 @@ def check_epoch(state: State, params: config.Params, epoch: int, tracker=None) -
     last = state.step >= state.total_steps or epoch == t.epochs - 1
     if not done or not (last or (epoch + 1) % t.select.every == 0):
         return
-    f1 = distributed.mean_over_ranks({"f1": validation_f1(state, params)})["f1"]  # one decision on every rank
-    state.checks.append({"epoch": epoch, "step": state.step, "f1_macro": f1})
-    if tracker:
-        tracker.log_metrics({"val/f1_macro": f1}, state.step)
-    if state.best is None or f1 > state.best["f1_macro"]:  # ties keep the earlier epoch
-        state.best = {"epoch": epoch, "step": state.step, "f1_macro": f1, "weights": weights(state)}
+    with averaged(state):  # train.ema: the average is what is judged and kept
+        f1 = distributed.mean_over_ranks({"f1": validation_f1(state, params)})["f1"]  # one decision on every rank
+        state.checks.append({"epoch": epoch, "step": state.step, "f1_macro": f1})
+        if tracker:
+            tracker.log_metrics({"val/f1_macro": f1}, state.step)
+        if state.best is None or f1 > state.best["f1_macro"]:  # ties keep the earlier epoch
+            state.best = {"epoch": epoch, "step": state.step, "f1_macro": f1, "weights": weights(state)}
 
 
 def selection(state: State, t: config.Train) -> dict:
@@ -317,6 +371,7 @@ def save_checkpoint(state: State, path: Path, fp: str, extra: dict) -> None:
             "queue": state.loss_fn.queue.cpu(), "queue_keys": state.loss_fn.queue_keys.cpu(), "optimizer": distributed.optimizer_state(state.wrapped, state.optimizer),
             "scheduler": state.scheduler.state_dict(), "history": state.history,
             "checks": state.checks, "best": state.best,
+            "ema": {n: distributed.full(v).cpu() for n, v in state.ema.items()} if state.ema is not None else None,
             "rng": distributed.gather_objects([rng_state()]), **extra}
     if distributed.rank() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -353,6 +408,10 @@ def load_checkpoint(state: State, path: Path, fp: str) -> dict | None:
     state.scheduler.load_state_dict(blob["scheduler"])
     state.step, state.history = blob["step"], blob["history"]
     state.checks, state.best = blob.get("checks", []), blob.get("best")
+    if state.ema is not None:
+        with torch.no_grad():
+            for n, v in blob["ema"].items():
+                distributed.copy_full(state.ema[n], v)
     set_rng_state(blob["rng"][distributed.rank()])
     return blob
 
@@ -421,6 +480,8 @@ def run(params: config.Params, train: list[dict], val: list[dict], tracker=None)
         if not val:
             raise InputError(f"train: train.select.metric is {t.select.metric!r} but the validation split is empty")
         scoring.check_records(val, params.data.labels, "val", "train.select")
+    if not 0 <= t.ema < 1:
+        raise InputError(f"params: train.ema must be in [0, 1) (0: no averaging), got {t.ema}")
     distributed.check(t.distributed, t.batch_size, distributed.world_size())
     state = setup(params, train, val)
     report = preflight(train + val, state.processor, params, state.model, state.collator)
@@ -459,7 +520,8 @@ def run(params: config.Params, train: list[dict], val: list[dict], tracker=None)
             if state.step % t.checkpoint_every == 0:
                 save_checkpoint(state, ckpt, fp, {"run_id": tracker.run_id if tracker else None})
         if trained and val and (tracker or distributed.active()):  # every rank computes it (collectives), rank 0 logs
-            val_loss = validation_loss(state, val, t.batch_size)
+            with averaged(state):
+                val_loss = validation_loss(state, val, t.batch_size)
             if tracker:
                 tracker.log_metrics(val_loss, state.step)
         check_epoch(state, params, epoch, tracker)
@@ -467,6 +529,10 @@ def run(params: config.Params, train: list[dict], val: list[dict], tracker=None)
     chosen = selection(state, t)
     if "epoch" in chosen:  # the adapter, the final validation loss and the saved tensors: the chosen epoch's
         load_weights(state, state.best["weights"])
+    elif state.ema is not None:  # ... or the moving average's
+        with torch.no_grad():
+            for n, p in trainable(state):
+                p.copy_(state.ema[n])
     metrics = {"steps": state.step, "seconds": round(time.perf_counter() - start, 2),
                "final": {k: v for k, v in state.history[-1].items() if k.startswith("loss/")} if state.history else {},
                "first": {k: v for k, v in state.history[0].items() if k.startswith("loss/")} if state.history else {},

@@ -178,15 +178,16 @@ def _write_params(p, path):
     raw["paths"] = dataclasses.asdict(p.paths)
     raw["train"].update(epochs=p.train.epochs, max_steps=p.train.max_steps, batch_size=p.train.batch_size,
                         checkpoint_every=p.train.checkpoint_every, warmup_steps=p.train.warmup_steps,
-                        augment=dataclasses.asdict(p.train.augment), select=dataclasses.asdict(p.train.select))
+                        augment=dataclasses.asdict(p.train.augment), select=dataclasses.asdict(p.train.select),
+                        ema=p.train.ema)
     path.write_text(yaml.safe_dump(raw))
 
 
-def _prepare(params, root, base_dir, records, augment=config.Augment(), select=config.Select()):
+def _prepare(params, root, base_dir, records, augment=config.Augment(), select=config.Select(), ema=0.0):
     from pipeline import data as dataio
 
     p = with_base(params, root, base_dir, max_steps=10, checkpoint_every=2, epochs=2)
-    p = dataclasses.replace(p, train=dataclasses.replace(p.train, augment=augment, select=select))
+    p = dataclasses.replace(p, train=dataclasses.replace(p.train, augment=augment, select=select, ema=ema))
     (root / "split").mkdir()
     dataio.write_jsonl(root / "split" / "train.jsonl", records[:32])
     dataio.write_jsonl(root / "split" / "val.jsonl", records[32:36])
@@ -204,11 +205,12 @@ def test_killed_run_resumes_from_its_checkpoint_and_ends_the_same(params, tmp_pa
     a, b = tmp_path / "a", tmp_path / "b"
     for root in (a, b):
         root.mkdir()
-    # with every augmentation on: its random draws must come back with the checkpoint too; and with the
-    # best validation epoch kept (checks after epoch 0, at step 8, and at step 10): the best weights too
+    # with every augmentation on: its random draws must come back with the checkpoint too; with the
+    # best validation epoch kept (checks after epoch 0, at step 8, and at step 10): the best weights too;
+    # and with the weights averaged (train.ema): the average too
     aug = config.Augment(shift=0.1, brightness=0.1, contrast=0.1, hflip=True, vflip=True)
     sel = config.Select(metric="f1_macro", every=1)
-    env_a, env_b = _prepare(params, a, base_dir, records, aug, sel), _prepare(params, b, base_dir, records, aug, sel)
+    env_a, env_b = (_prepare(params, root, base_dir, records, aug, sel, ema=0.8) for root in (a, b))
     r = subprocess.run(_train_cmd(a), cwd=a, env=env_a, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     proc = subprocess.Popen(_train_cmd(b), cwd=b, env=env_b, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -381,6 +383,64 @@ def test_a_run_capped_by_max_steps_stops_there_and_validates_once(params, tmp_pa
     client = mlflow.MlflowClient()
     history = client.get_metric_history(metrics["mlflow_run_id"], "val/total")
     assert [m.step for m in history] == [3]
+
+
+def _ema(p, decay):
+    return dataclasses.replace(p, train=dataclasses.replace(p.train, ema=decay))
+
+
+def test_ema_matches_torchs_averaged_model_and_is_what_validation_and_saving_use(params, tmp_path, base_dir,
+                                                                               records, monkeypatch):
+    """`train.ema`: the average follows torch's EMA (`get_ema_multi_avg_fn`, AveragedModel's first step a
+    copy) over every trainable tensor; validation runs on it and the live weights come back after."""
+    from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+    p = _ema(_lr(with_base(params, tmp_path, base_dir, epochs=2, max_steps=0,
+                           peft=dataclasses.replace(params.train.peft, full_vision=True)), 3e-3, 3e-3), 0.7)
+    state = train.setup(p, records[:16], records[24:32])
+    named = train.trainable(state)
+    assert {n for n, _ in named} == set(state.ema) and any("modules_to_save" in n for n in state.ema)
+    assert any(n.startswith("heads.") for n in state.ema)
+    ref, avg = None, get_ema_multi_avg_fn(0.7)
+    for b in train.micro_batches(state, 0, 0, 4):
+        train.train_step(state, [b], p.train)
+        live = [q.detach().float().clone() for _, q in named]
+        if ref is None:
+            ref = [t.clone() for t in live]
+        else:
+            avg(ref, live, torch.tensor(state.step - 1))
+    assert state.step == 4
+    for (n, q), r in zip(named, ref):
+        assert torch.allclose(state.ema[n], r, atol=1e-7), n
+    moved = [n for n, q in named if not torch.allclose(q.detach().float(), state.ema[n])]
+    assert moved  # the average lags the live weights
+    live = {n: q.detach().clone() for n, q in named}
+    seen = {}
+    real = train.validation_loss
+    monkeypatch.setattr(train, "validation_loss", lambda st, *a: seen.update(
+        {n: q.detach().clone() for n, q in train.trainable(st)}) or real(st, *a))
+    with train.averaged(state):
+        train.validation_loss(state, records[24:32], 4)
+    assert all(torch.equal(seen[n], state.ema[n].to(seen[n].dtype)) for n in seen)
+    assert all(torch.equal(q, live[n]) for n, q in train.trainable(state))  # the live weights are back
+
+
+def test_ema_run_saves_the_average_not_the_last_step(params, tmp_path, base_dir, records, monkeypatch):
+    p = _ema(_lr(with_base(params, tmp_path, base_dir, epochs=2, max_steps=0), 3e-3, 3e-3), 0.7)
+    kept, real = {}, train.update_ema
+    monkeypatch.setattr(train, "update_ema", lambda st, d: (real(st, d), kept.update(
+        state=st, live={n: q.detach().clone() for n, q in st.model.named_parameters() if "lora_" in n})))
+    train.run(p, records[:16], records[24:32])
+    state = kept["state"]
+    saved = load_file(tmp_path / "models" / "adapter" / "adapter_model.safetensors")
+    average = {n[len("model."):].replace(".default", ""): v for n, v in state.ema.items()
+               if n.startswith("model.") and "lora_" in n}
+    assert saved.keys() == average.keys()
+    assert all(torch.equal(saved[k], average[k].to(saved[k].dtype)) for k in saved)
+    last = {n.replace(".default", ""): v for n, v in kept["live"].items()}
+    assert any(not torch.equal(saved[k], last[k]) for k in saved)  # the last step's weights are not what was saved
+    with pytest.raises(InputError, match="train.ema must be in"):
+        train.run(_ema(p, 1.0), records[:16], records[24:32])
 
 
 def _select(p, metric="f1_macro", every=1, **evaluate):
