@@ -164,6 +164,13 @@ def update_ema(state: State, decay: float) -> None:
             state.ema[n].lerp_(p.detach().float(), 1 - decay)
 
 
+@torch.no_grad()
+def load_average(state: State) -> None:
+    """The moving average copied into the trainable weights."""
+    for n, p in trainable(state):
+        p.copy_(state.ema[n])
+
+
 @contextmanager
 def averaged(state: State):
     """The moving average in place of the trainable weights for the block (nothing without `train.ema`);
@@ -173,9 +180,7 @@ def averaged(state: State):
         return
     params = trainable(state)
     live = [p.detach().clone() for _, p in params]
-    with torch.no_grad():
-        for n, p in params:
-            p.copy_(state.ema[n])
+    load_average(state)
     try:
         yield
     finally:
@@ -530,9 +535,7 @@ def run(params: config.Params, train: list[dict], val: list[dict], tracker=None)
     if "epoch" in chosen:  # the adapter, the final validation loss and the saved tensors: the chosen epoch's
         load_weights(state, state.best["weights"])
     elif state.ema is not None:  # ... or the moving average's
-        with torch.no_grad():
-            for n, p in trainable(state):
-                p.copy_(state.ema[n])
+        load_average(state)
     metrics = {"steps": state.step, "seconds": round(time.perf_counter() - start, 2),
                "final": {k: v for k, v in state.history[-1].items() if k.startswith("loss/")} if state.history else {},
                "first": {k: v for k, v in state.history[0].items() if k.startswith("loss/")} if state.history else {},
